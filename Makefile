@@ -1,0 +1,27 @@
+# Two commands do all the set-up on a fresh machine with only Python 3.10+:
+#   make run    run the main job (synthetic data -> notebooks 01..04 -> scored submission.csv)
+#   make test   run the test suite (.ci/run calls this)
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv run test clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e . || $(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m kernel_lib.main
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf data runs cache .pytest_cache

@@ -1,0 +1,151 @@
+"""Resampling a volume to a target voxel spacing, and the coordinate frames that go with it.
+
+Frames (every array of coordinates is ``(..., 3)`` in ``(z, y, x)`` order):
+
+- *original*: voxel indices of the tomogram as stored (the labels' frame);
+- *model*: voxel indices of the resampled volume the model sees;
+- *heatmap*: indices of the model's output (every ``z_stride``-th model slice, ``output_stride``
+  model pixels per heatmap pixel in y and x).
+
+Each map between frames is a per-axis affine ``b = scale * a + offset`` (:class:`Frame`), built
+with the pixel-centre convention OpenCV's resize uses: pixel i covers ``[i, i + 1)`` and its
+centre is ``i + 0.5``. Frames compose and invert, so original -> heatmap -> original is exact.
+
+Example:
+    >>> import numpy as np
+    >>> frame = Frame.resize((100, 200, 200), (50, 100, 100))
+    >>> frame.apply([[10.0, 20.0, 30.0]]).round(2).tolist()
+    [[4.75, 9.75, 14.75]]
+    >>> np.allclose(frame.inverse().apply(frame.apply([[10.0, 20.0, 30.0]])), [[10, 20, 30]])
+    True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+# cv2.resize caps each side at SHRT_MAX for some interpolations; split wide z-resizes below it.
+_MAX_COLUMNS = 32000
+
+
+@dataclass(frozen=True)
+class Frame:
+    """A per-axis affine map ``target = scale * source + offset`` over ``(z, y, x)``."""
+
+    scale: tuple[float, float, float]
+    offset: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+    @classmethod
+    def centered(cls, scale: tuple[float, float, float]) -> "Frame":
+        """Pixel-centre aligned scaling: ``t = (s + 0.5) * scale - 0.5`` per axis."""
+        scale = tuple(float(s) for s in scale)
+        return cls(scale, tuple(0.5 * s - 0.5 for s in scale))
+
+    @classmethod
+    def resize(cls, source_shape: tuple[int, ...], target_shape: tuple[int, ...]) -> "Frame":
+        """The frame of resizing an array of ``source_shape`` to ``target_shape``."""
+        return cls.centered(tuple(t / s for s, t in zip(source_shape, target_shape)))
+
+    @classmethod
+    def identity(cls) -> "Frame":
+        return cls((1.0, 1.0, 1.0))
+
+    def apply(self, points: np.ndarray | list) -> np.ndarray:
+        """Map points ``(..., 3)`` from the source frame to the target frame."""
+        points = np.asarray(points, dtype=np.float64)
+        return points * np.asarray(self.scale) + np.asarray(self.offset)
+
+    def inverse(self) -> "Frame":
+        scale = tuple(1.0 / s for s in self.scale)
+        offset = tuple(-o / s for o, s in zip(self.offset, self.scale))
+        return Frame(scale, offset)
+
+    def then(self, other: "Frame") -> "Frame":
+        """The frame that applies ``self`` first, then ``other``."""
+        scale = tuple(a * b for a, b in zip(self.scale, other.scale))
+        offset = tuple(o1 * s2 + o2 for o1, s2, o2 in zip(self.offset, other.scale, other.offset))
+        return Frame(scale, offset)
+
+    def to_dict(self) -> dict:
+        return {"scale": list(self.scale), "offset": list(self.offset)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Frame":
+        return cls(tuple(data["scale"]), tuple(data["offset"]))
+
+
+def decode_frame(reduction: int) -> Frame:
+    """Original -> decoded frame of a JPEG decoded at 1/``reduction`` in y and x.
+
+    The reduced decoder averages ``reduction x reduction`` blocks, so decoded pixel i covers
+    original pixels ``[r i, r i + r)``.
+    """
+    return Frame.centered((1.0, 1.0 / reduction, 1.0 / reduction))
+
+
+def heatmap_frame(output_stride: int, z_stride: int = 1) -> Frame:
+    """Model -> heatmap frame: heatmap slice k is model slice ``k * z_stride``; pixels are
+    ``output_stride`` model pixels wide and centre-aligned."""
+    inplane = Frame.centered((1.0, 1.0 / output_stride, 1.0 / output_stride))
+    return Frame((1.0 / z_stride, inplane.scale[1], inplane.scale[2]),
+                 (0.0, inplane.offset[1], inplane.offset[2]))
+
+
+def target_shape(shape: tuple[int, int, int], source_spacing: float | tuple[float, float, float],
+                 target_spacing: float) -> tuple[int, int, int]:
+    """Shape of a volume of ``shape`` resampled from ``source_spacing`` to ``target_spacing``.
+
+    ``source_spacing`` may be one value or one per axis (a reduced JPEG decode has a larger
+    spacing in y and x than in z).
+    """
+    spacing = np.broadcast_to(np.asarray(source_spacing, dtype=np.float64), (3,))
+    if np.any(spacing <= 0) or target_spacing <= 0:
+        raise ValueError(f"spacings must be > 0 (got {source_spacing}, {target_spacing})")
+    return tuple(max(1, int(round(n * s / target_spacing))) for n, s in zip(shape, spacing))
+
+
+def resize_volume(volume: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """Resize a ``(z, y, x)`` volume to ``shape``: area averaging when shrinking, linear when
+    enlarging; in-plane slice by slice, then along z. Keeps the dtype."""
+    if volume.ndim != 3:
+        raise ValueError(f"resize_volume needs a (z, y, x) volume (got shape {volume.shape})")
+    z, y, x = shape
+    if (y, x) != volume.shape[1:]:
+        interp = _interpolation(volume.shape[1] * volume.shape[2], y * x)
+        planes = np.empty((volume.shape[0], y, x), dtype=volume.dtype)
+        for i in range(volume.shape[0]):
+            planes[i] = cv2.resize(volume[i], (x, y), interpolation=interp)
+        volume = planes
+    if z != volume.shape[0]:
+        interp = _interpolation(volume.shape[0], z)
+        flat = volume.reshape(volume.shape[0], -1)
+        out = np.empty((z, flat.shape[1]), dtype=volume.dtype)
+        for start in range(0, flat.shape[1], _MAX_COLUMNS):
+            chunk = np.ascontiguousarray(flat[:, start:start + _MAX_COLUMNS])
+            out[:, start:start + chunk.shape[1]] = cv2.resize(
+                chunk, (chunk.shape[1], z), interpolation=interp)
+        volume = out.reshape(z, y, x)
+    return volume
+
+
+def _interpolation(source_size: int, target_size: int) -> int:
+    return cv2.INTER_AREA if target_size < source_size else cv2.INTER_LINEAR
+
+
+def resample_to_spacing(volume: np.ndarray, source_spacing: float | tuple[float, float, float],
+                        target_spacing: float) -> tuple[np.ndarray, Frame]:
+    """Resample a volume to an isotropic ``target_spacing``.
+
+    Args:
+        volume: ``(z, y, x)`` array as read.
+        source_spacing: angstroms per voxel of ``volume`` (one value or per axis).
+        target_spacing: angstroms per voxel wanted.
+
+    Returns:
+        The resampled volume and the frame from ``volume``'s voxels to its voxels.
+    """
+    shape = target_shape(volume.shape, source_spacing, target_spacing)
+    return resize_volume(volume, shape), Frame.resize(volume.shape, shape)

@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+from kernel_lib.config import PipelineConfig
+from kernel_lib.model import (ModelError, build_model, load_checkpoint, pad_to_multiple,
+                              save_checkpoint)
+
+
+@pytest.mark.parametrize("encoder,stride", [("resnet18", 4), ("efficientnet_b0", 8),
+                                            ("convnext_atto", 4)])
+def test_forward_backward_64(encoder, stride):
+    cfg = PipelineConfig(encoder=encoder, output_stride=stride, stack_half=2,
+                         decoder_channels=(32, 16))
+    model = build_model(cfg)
+    x = torch.randn(2, cfg.in_chans, 64, 64, requires_grad=True)
+    y = model(x)
+    assert y.shape == (2, 1, 64 // stride, 64 // stride)
+    y.mean().backward()
+    assert x.grad is not None and model.head.weight.grad is not None
+    assert torch.isfinite(x.grad).all()
+
+
+def test_bad_input_shape_names_the_fix():
+    model = build_model(PipelineConfig())
+    with pytest.raises(ValueError, match="multiples of 32"):
+        model(torch.zeros(1, 3, 60, 64))
+    padded, size = pad_to_multiple(torch.zeros(1, 3, 60, 70), 32)
+    assert padded.shape[-2:] == (64, 96) and size == (60, 70)
+
+
+def test_unknown_encoder_and_bad_stride():
+    with pytest.raises(ModelError, match="unknown timm model"):
+        build_model(PipelineConfig(encoder="resnet_does_not_exist"))
+    with pytest.raises(ModelError, match="not a feature reduction"):
+        build_model(PipelineConfig(encoder="convnext_atto", output_stride=2))
+
+
+def test_encoder_loads_local_timm_weights(tmp_path):
+    """A timm RGB checkpoint on disk is adapted to 2n+1 input slices; no download."""
+    reference = timm.create_model("resnet18", pretrained=False)
+    path = tmp_path / "resnet18.pth"
+    torch.save(reference.state_dict(), path)
+    model = build_model(PipelineConfig(stack_half=2), encoder_weights=path)
+    loaded = model.encoder.layer1[0].conv1.weight
+    assert torch.equal(loaded, reference.layer1[0].conv1.weight)
+    assert model.encoder.conv1.weight.shape[1] == 5
+    with pytest.raises(ModelError, match="does not exist"):
+        build_model(PipelineConfig(), encoder_weights=tmp_path / "missing.pth")
+
+
+def test_checkpoint_round_trip(tmp_path):
+    cfg = PipelineConfig(decoder_channels=(16, 8))
+    model = build_model(cfg)
+    for p in model.parameters():
+        p.data.normal_()
+    save_checkpoint(model, cfg, tmp_path)
+    loaded, loaded_cfg = load_checkpoint(tmp_path)
+    assert loaded_cfg == cfg
+    x = torch.randn(1, 3, 64, 64)
+    model.eval()
+    assert torch.allclose(loaded(x), model(x))
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(ModelError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope")
+    PipelineConfig().save(tmp_path)
+    with pytest.raises(ModelError, match="no model.pt"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "model.pt").write_bytes(b"truncated")
+    with pytest.raises(ModelError, match="cannot read"):
+        load_checkpoint(tmp_path)
