@@ -102,7 +102,7 @@ class PipelineConfig:
     output_stride: int = 4
     sigma_angstrom: float = 200.0
     nms_radius_angstrom: float = 600.0
-    z_stride: int = 1
+    z_stride: int = 2
     threshold: ThresholdRule = field(default_factory=ThresholdRule)
     version: int = CONFIG_VERSION
 

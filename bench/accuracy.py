@@ -1,0 +1,196 @@
+"""Accuracy benchmark: fresh synthetic set -> CPU training on a fixed budget -> test F2.
+
+Compares, in one run and on the same test split:
+- the trained model with the assumed test spacing (what a real submission does),
+- the same model told each test tomogram's true spacing (what an unknown spacing costs),
+- "no motor anywhere",
+- a non-learned detector: the darkest blob after smoothing, its contrast threshold chosen on
+  the training split.
+
+Appends a section to bench/RESULTS.md (machine, date, command, numbers).
+
+Usage:
+    .venv/bin/python bench/accuracy.py [--minutes 10] [--n-train 40] [--n-test 30] [--seed 2026]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import polars as pl
+import torch
+
+from kernel_lib.config import PipelineConfig, ThresholdRule
+from kernel_lib.infer import run_inference
+from kernel_lib.labels import read_labels, read_sample_submission, read_solution
+from kernel_lib.metric import confusion, score, solution_for_submission
+from kernel_lib.preprocess import preprocess_tomogram
+from kernel_lib.synthetic import generate_dataset
+from kernel_lib.threshold import apply_threshold, sweep_thresholds
+from kernel_lib.train import TrainConfig, train
+
+ROOT = Path(__file__).resolve().parent
+BLOB_SIGMA_ANGSTROM = 150.0  # about a motor's radius
+
+
+def darkest_blob(folder: Path, spacing: float, cfg: PipelineConfig) -> tuple[np.ndarray, float]:
+    """Darkest point of the smoothed volume (original voxels) and its contrast score."""
+    prep = preprocess_tomogram(folder, spacing, cfg)
+    vol = prep.volume.astype(np.float32)
+    sigma = BLOB_SIGMA_ANGSTROM / cfg.target_spacing
+    smooth = np.stack([cv2.GaussianBlur(p, (0, 0), sigma) for p in vol])
+    smooth = cv2.GaussianBlur(smooth.reshape(smooth.shape[0], -1), (1, 0), 0, sigmaY=sigma
+                              ).reshape(smooth.shape) if smooth.shape[0] > 1 else smooth
+    index = np.unravel_index(np.argmin(smooth), smooth.shape)
+    contrast = float(smooth.mean() - smooth[index]) / 255.0
+    return prep.frame.inverse().apply(np.array(index, dtype=float)), contrast
+
+
+def blob_table(root: Path, split: str, ids: list[str], spacing: float, cfg: PipelineConfig):
+    rows = []
+    for tomo_id in ids:
+        zyx, contrast = darkest_blob(root / split / tomo_id, spacing, cfg)
+        rows.append({"tomo_id": tomo_id, "z": zyx[0], "y": zyx[1], "x": zyx[2],
+                     "score": contrast})
+    return pl.DataFrame(rows)
+
+
+def to_submission(table: pl.DataFrame, positive: np.ndarray) -> pl.DataFrame:
+    keep = pl.Series(positive)
+    return table.select("tomo_id", *[pl.when(keep).then(pl.col(c)).otherwise(-1.0).alias(
+        f"Motor axis {i}") for i, c in enumerate("zyx")])
+
+
+def scored(solution: pl.DataFrame, submission: pl.DataFrame) -> dict:
+    counts = confusion(solution, submission)
+    return {"f2": score(solution, submission), "precision": counts["precision"],
+            "recall": counts["recall"], "tp": counts["tp"], "fp": counts["fp"],
+            "fn": counts["fn"]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--n-train", type=int, default=40)
+    parser.add_argument("--n-test", type=int, default=30)
+    parser.add_argument("--seed", type=int, default=2026)
+    parser.add_argument("--loss", default="bce", choices=("bce", "focal"))
+    parser.add_argument("--workdir", type=Path, default=ROOT / "_work")
+    parser.add_argument("--keep-data", action="store_true", help="reuse a generated set")
+    parser.add_argument("--no-write", action="store_true", help="don't append to RESULTS.md")
+    args = parser.parse_args()
+
+    work = args.workdir
+    data = work / f"synthetic_{args.seed}_{args.n_train}_{args.n_test}"
+    run_dir = work / f"run_{args.loss}"
+    if not args.keep_data and data.exists():
+        shutil.rmtree(data)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    shutil.rmtree(work / "cache", ignore_errors=True)
+    started = time.perf_counter()
+    if not (data / "test_labels.csv").is_file():
+        generate_dataset(data, n_train=args.n_train, n_test=args.n_test, seed=args.seed)
+    gen_seconds = time.perf_counter() - started
+
+    cfg = PipelineConfig()
+    tcfg = TrainConfig(fold=0, n_folds=5, epochs=1000, steps_per_epoch=60,
+                       max_minutes=args.minutes, seed=args.seed, loss=args.loss,
+                       cache_dir=str(work / "cache"))
+    t0 = time.perf_counter()
+    result = train(data, run_dir, cfg, tcfg, progress=False)
+    train_seconds = time.perf_counter() - t0
+
+    solution = read_solution(data / "test_labels.csv")
+    test_ids = read_sample_submission(data / "sample_submission.csv")
+    true_spacing = dict(zip(solution["tomo_id"], solution["Voxel spacing"]))
+    chosen = PipelineConfig.load(run_dir)
+
+    t0 = time.perf_counter()
+    model_table = run_inference(data, [run_dir], out=run_dir / "submission.csv", progress=False)
+    infer_seconds = time.perf_counter() - t0
+    rows = {"model, assumed spacing ({:.1f} A), rule {}".format(chosen.assumed_test_spacing,
+                                                                 chosen.threshold):
+            scored(solution, model_table.drop("score", "error"))}
+    known = run_inference(data, [run_dir], spacings=true_spacing, progress=False)
+    rows["model, true test spacing (not available on Kaggle)"] = scored(
+        solution, known.drop("score", "error"))
+    for kind in ("fixed", "quantile"):
+        if chosen.threshold.kind != kind:
+            # The other rule at its validation-best value, for comparison.
+            sweep = pl.read_csv(run_dir / "threshold_sweep.csv").filter(pl.col("kind") == kind)
+            best = sweep.filter(pl.col("f2") == sweep["f2"].max())["value"]
+            value = float(best[(len(best) - 1) // 2])
+            alt = run_inference(data, [run_dir], threshold=ThresholdRule(kind, value),
+                                progress=False)
+            rows[f"model, assumed spacing, rule {kind}:{value:g}"] = scored(
+                solution, alt.drop("score", "error"))
+
+    none = pl.DataFrame({"tomo_id": test_ids, "Motor axis 0": -1.0, "Motor axis 1": -1.0,
+                         "Motor axis 2": -1.0})
+    rows["baseline: no motor anywhere"] = scored(solution, none)
+
+    labels = read_labels(data / "train_labels.csv")
+    train_ids = labels.tomograms["tomo_id"].to_list()
+    train_blobs = blob_table(data, "train", train_ids, chosen.assumed_test_spacing, chosen)
+
+    def train_f2(positive: np.ndarray) -> float:
+        sub = to_submission(train_blobs, positive)
+        return score(solution_for_submission(labels.motors, labels.tomograms, sub), sub)
+
+    blob_rule = sweep_thresholds(train_blobs["score"].to_numpy(), train_f2).rule
+    test_blobs = blob_table(data, "test", test_ids, chosen.assumed_test_spacing, chosen)
+    rows[f"baseline: darkest blob, rule {blob_rule} (tuned on train)"] = scored(
+        solution, to_submission(test_blobs, apply_threshold(test_blobs["score"].to_numpy(),
+                                                             blob_rule)))
+    always = np.ones(test_blobs.height, dtype=bool)
+    rows["baseline: darkest blob, always positive"] = scored(
+        solution, to_submission(test_blobs, always))
+
+    metrics = pl.read_csv(run_dir / "metrics.csv")
+    lines = [
+        f"## Accuracy benchmark ({dt.date.today().isoformat()})",
+        "",
+        f"- Machine: {platform.node() or 'unknown'}, {os.cpu_count()} CPU cores, "
+        f"{platform.processor() or platform.machine()}, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), no GPU" if not torch.cuda.is_available() else "",
+        f"- Command: `.venv/bin/python bench/accuracy.py --minutes {args.minutes:g} "
+        f"--n-train {args.n_train} --n-test {args.n_test} --seed {args.seed} --loss {args.loss}`",
+        f"- Data: fresh synthetic set, seed {args.seed}, {args.n_train} train / {args.n_test} "
+        f"test tomograms ({int(solution['Has motor'].sum())} test motors), generated in "
+        f"{gen_seconds:.0f} s",
+        f"- Training: {cfg.encoder}, loss {args.loss}, {result.epochs_done} epochs "
+        f"({int(metrics['step'].max())} steps), stopped by {result.stopped_by}, "
+        f"{train_seconds / 60:.1f} min incl. cache and validation; best validation F2 "
+        f"{result.best_f2:.3f} (fold 0 of 5)",
+        f"- Test inference: {infer_seconds:.0f} s for {len(test_ids)} tomograms "
+        f"({len(test_ids) / infer_seconds:.2f} tomograms/s)",
+        "",
+        "| predictor | F2 | precision | recall | TP | FP | FN |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['f2']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} | "
+                     f"{r['tp']} | {r['fp']} | {r['fn']} |")
+    text = "\n".join(line for line in lines if line is not None) + "\n"
+    print(text)
+    (work / f"accuracy_{args.loss}.json").write_text(json.dumps(rows, indent=1))
+    if not args.no_write:
+        results = ROOT / "RESULTS.md"
+        previous = results.read_text() if results.is_file() else "# Benchmark results\n\n"
+        results.write_text(previous.rstrip("\n") + "\n\n" + text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,328 @@
+"""Inference: tomogram folders in, ``submission.csv`` out.
+
+For each tomogram: read and preprocess exactly as the checkpoint's config says (with the
+config's assumed spacing: test tomograms have none), run the model (or an ensemble, optionally
+with flip TTA) over 2.5D stacks of every ``z_stride``-th slice in batches, decode 3D peaks with
+max-pool NMS, and map them back to original voxels. Then one threshold rule over the whole run
+(fixed, or the quantile trick) decides which tomograms have a motor. A tomogram that fails gets
+a ``-1`` row and a warning naming it; the run goes on.
+
+Command line::
+
+    python -m kernel_lib.infer --data-root DIR --weights RUN_DIR [RUN_DIR ...] \\
+        [--split test] --out submission.csv [--threshold quantile:0.45] [--tta]
+
+Example:
+    >>> from kernel_lib.infer import run_inference  # doctest: +SKIP
+    >>> table = run_inference("data/synthetic", ["runs/fold0"], out="submission.csv")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+from tqdm.auto import tqdm
+
+from .config import ConfigError, PipelineConfig, ThresholdRule
+from .labels import LabelError, read_sample_submission, write_submission
+from .model import HeatmapModel, ModelError, load_checkpoint, pad_to_multiple
+from .peaks import find_peaks, nms_radius_voxels
+from .preprocess import preprocess_tomogram
+from .resample import Frame, heatmap_frame
+from .stacks import iter_stack_batches, stack_offsets
+from .threshold import apply_threshold
+
+INPUT_MEAN, INPUT_STD = 0.5, 0.25  # uint8 [0, 255] -> roughly zero-mean, unit-variance input
+TOP_K = 5
+
+
+class InferenceError(ValueError):
+    """Inputs that make a whole inference run impossible; the message says what to do."""
+
+
+def model_input(stacks: torch.Tensor) -> torch.Tensor:
+    """``uint8`` stacks ``(B, C, H, W)`` in [0, 255] -> the float input the model was trained on."""
+    return (stacks.float() * (1.0 / 255.0) - INPUT_MEAN) * (1.0 / INPUT_STD)
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    """``name`` if given, else CUDA when available, else CPU."""
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Predictor:
+    """Runs one or more models (flip TTA optional) over every 2.5D stack of a volume.
+
+    Args:
+        models: models sharing one config's geometry.
+        cfg: the shared config.
+        device: where to run.
+        batch_size: stacks per forward pass.
+        tta: also run the x-flipped and y-flipped stacks and average.
+        amp: fp16 autocast on CUDA.
+    """
+
+    def __init__(self, models: Sequence[HeatmapModel], cfg: PipelineConfig,
+                 device: torch.device | str = "cpu", batch_size: int = 8, tta: bool = False,
+                 amp: bool = True) -> None:
+        self.device = torch.device(device)
+        self.models = [m.to(self.device).eval() for m in models]
+        self.cfg, self.batch_size, self.tta = cfg, batch_size, tta
+        self.amp = amp and self.device.type == "cuda"
+        self.offsets = stack_offsets(cfg.stack_half, cfg.stack_step_slices)
+        self.multiple = max(m.input_multiple for m in self.models)
+
+    @torch.inference_mode()
+    def heatmap(self, volume: np.ndarray, z_stride: int | None = None) -> torch.Tensor:
+        """Probabilities ``(ceil(Z / z_stride), ceil(Y / s), ceil(X / s))`` on the CPU."""
+        z_stride = z_stride or self.cfg.z_stride
+        stride = self.cfg.output_stride
+        depth, h, w = volume.shape
+        out = torch.zeros((math.ceil(depth / z_stride), math.ceil(h / stride),
+                           math.ceil(w / stride)), dtype=torch.float32)
+        row = 0
+        for _, stacks in iter_stack_batches(volume, self.offsets, self.batch_size, z_stride):
+            x = model_input(torch.from_numpy(stacks).to(self.device))
+            x, _ = pad_to_multiple(x, self.multiple)
+            probs = self._forward(x)[:, 0, :out.shape[1], :out.shape[2]]
+            out[row:row + len(probs)] = probs.float().cpu()
+            row += len(probs)
+        return out
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        flips = [(), (-1,), (-2,)] if self.tta else [()]
+        total = None
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+            for model in self.models:
+                for dims in flips:
+                    xi = torch.flip(x, dims) if dims else x
+                    p = torch.sigmoid(model(xi).float())
+                    p = torch.flip(p, dims) if dims else p
+                    total = p if total is None else total + p
+        return total / (len(self.models) * len(flips))
+
+
+def decode_peaks(heat: torch.Tensor | np.ndarray, cfg: PipelineConfig, frame: Frame,
+                 original_shape: Sequence[int], z_stride: int | None = None,
+                 top_k: int = TOP_K) -> np.ndarray:
+    """Peaks ``(k, 4)`` of ``(z, y, x, score)`` in original voxels, best first.
+
+    Args:
+        heat: heatmap volume from :meth:`Predictor.heatmap`.
+        cfg: config of the model that made it.
+        frame: original -> model frame of the tomogram.
+        original_shape: the tomogram's stored shape (peaks are clipped into it).
+        z_stride: the z stride the heatmap was computed with.
+        top_k: peaks kept.
+    """
+    z_stride = z_stride or cfg.z_stride
+    radius = nms_radius_voxels(cfg.nms_radius_angstrom, cfg.target_spacing, cfg.output_stride,
+                               z_stride)
+    peaks = find_peaks(heat, radius, top_k=top_k)
+    if len(peaks) == 0:
+        return peaks
+    to_original = frame.then(heatmap_frame(cfg.output_stride, z_stride)).inverse()
+    coords = to_original.apply(peaks[:, :3])
+    upper = np.asarray(original_shape, dtype=np.float64) - 1
+    peaks[:, :3] = np.clip(coords, 0, upper)
+    return peaks
+
+
+@dataclass
+class TomogramResult:
+    """What inference found in one tomogram (coordinates in original voxels)."""
+
+    tomo_id: str
+    peaks: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
+    seconds: float = 0.0
+    error: str | None = None
+
+    @property
+    def score(self) -> float:
+        """Top peak score; NaN when the tomogram failed or had no peak."""
+        return float(self.peaks[0, 3]) if len(self.peaks) else float("nan")
+
+
+def predict_tomogram(folder: str | os.PathLike, predictor: Predictor, source_spacing: float,
+                     tomo_id: str | None = None) -> TomogramResult:
+    """Preprocess and predict one tomogram folder."""
+    started = time.perf_counter()
+    cfg = predictor.cfg
+    prep = preprocess_tomogram(folder, source_spacing, cfg)
+    heat = predictor.heatmap(prep.volume)
+    peaks = decode_peaks(heat, cfg, prep.frame, prep.original_shape)
+    return TomogramResult(tomo_id or Path(folder).name, peaks, time.perf_counter() - started)
+
+
+def load_ensemble(weights: Sequence[str | os.PathLike], device: torch.device | str = "cpu",
+                  ) -> tuple[list[HeatmapModel], PipelineConfig]:
+    """Load one or more run directories; they must share preprocessing and heatmap geometry."""
+    if not weights:
+        raise InferenceError("no weights given: pass at least one run directory (--weights)")
+    models, configs = [], []
+    for run_dir in weights:
+        model, cfg = load_checkpoint(run_dir, map_location=device)
+        models.append(model)
+        configs.append(cfg)
+    shared = ("target_spacing", "assumed_test_spacing", "percentile_low", "percentile_high",
+              "normalize_per", "stack_half", "stack_step_angstrom", "output_stride", "z_stride")
+    for run_dir, cfg in zip(weights[1:], configs[1:]):
+        differs = [name for name in shared if getattr(cfg, name) != getattr(configs[0], name)]
+        if differs:
+            raise InferenceError(f"{run_dir} differs from {weights[0]} in {differs}: an ensemble "
+                                 f"needs the same preprocessing and heatmap geometry")
+    return models, configs[0]
+
+
+def list_test_tomograms(data_root: Path, split: str) -> list[str]:
+    """Tomogram ids to predict: ``sample_submission.csv`` order, else the split's folders."""
+    split_dir = data_root / split
+    sample = data_root / "sample_submission.csv"
+    folders = sorted(p.name for p in split_dir.iterdir() if p.is_dir()) if split_dir.is_dir() \
+        else []
+    if sample.is_file() and split == "test":
+        ids = read_sample_submission(sample)
+        extra = sorted(set(folders) - set(ids))
+        if extra:
+            warnings.warn(f"{len(extra)} folder(s) in {split_dir} are not in {sample} and are "
+                          f"skipped: {extra[:5]}", stacklevel=2)
+        return ids
+    if not split_dir.is_dir():
+        raise InferenceError(f"{split_dir} does not exist and there is no {sample}: check "
+                             f"--data-root and --split")
+    return folders
+
+
+def run_inference(data_root: str | os.PathLike, weights: Sequence[str | os.PathLike],
+                  split: str = "test", out: str | os.PathLike | None = None,
+                  threshold: ThresholdRule | str | None = None, tta: bool = False,
+                  batch_size: int = 8, device: str | None = None,
+                  spacings: dict[str, float] | None = None, z_stride: int | None = None,
+                  progress: bool = True) -> pl.DataFrame:
+    """Predict every tomogram of a split and write the submission.
+
+    Args:
+        data_root: competition layout (``test/<tomo_id>/slice_*.jpg``, ``sample_submission.csv``).
+        weights: run directories (several = ensemble, heatmaps averaged).
+        split: sub-folder of ``data_root`` to predict.
+        out: where to write ``submission.csv`` (atomically); None to skip writing.
+        threshold: overrides the checkpoint's rule (``"fixed:0.4"``, ``"quantile:0.45"``).
+        tta: flip test-time augmentation.
+        batch_size: stacks per forward pass.
+        device: ``"cpu"``, ``"cuda"``, ... (default: CUDA if available).
+        spacings: known spacings per tomogram, for experiments only; a real test set has none,
+            and the config's assumed spacing is used.
+        z_stride: overrides the config's z stride.
+        progress: show a progress bar.
+
+    Returns:
+        A DataFrame with the submission columns plus ``score`` and ``error`` per tomogram.
+    """
+    data_root = Path(data_root)
+    if not data_root.is_dir():
+        raise InferenceError(f"--data-root {data_root} does not exist: point it at the "
+                             f"competition folder (with test/ and sample_submission.csv)")
+    dev = pick_device(device)
+    models, cfg = load_ensemble(list(weights), dev)
+    if z_stride:
+        cfg = cfg.replace(z_stride=z_stride)
+    rule = ThresholdRule.parse(threshold) if isinstance(threshold, str) else (threshold or
+                                                                               cfg.threshold)
+    if cfg.assumed_test_spacing is None and not spacings:
+        raise InferenceError("the checkpoint's config has no assumed_test_spacing: retrain, or "
+                             "set it in config.json (angstroms per voxel, e.g. 15.6)")
+    predictor = Predictor(models, cfg, dev, batch_size=batch_size, tta=tta)
+    ids = list_test_tomograms(data_root, split)
+    results: list[TomogramResult] = []
+    started = time.perf_counter()
+    bar = tqdm(ids, desc=f"infer {split}", unit="tomo", disable=not progress)
+    for tomo_id in bar:
+        spacing = (spacings or {}).get(tomo_id, cfg.assumed_test_spacing)
+        try:
+            result = predict_tomogram(data_root / split / tomo_id, predictor, spacing, tomo_id)
+        except Exception as exc:  # one bad tomogram must not sink the submission
+            message = f"{type(exc).__name__}: {exc}"
+            warnings.warn(f"tomogram {tomo_id} failed and gets a -1 row ({message})",
+                          stacklevel=2)
+            if os.environ.get("BYU_DEBUG"):
+                traceback.print_exc()
+            result = TomogramResult(tomo_id, error=message)
+        results.append(result)
+        bar.set_postfix(tomo_per_s=f"{len(results) / (time.perf_counter() - started):.2f}")
+    table = results_to_table(results, rule)
+    if out is not None:
+        write_submission(table.select(["tomo_id", "Motor axis 0", "Motor axis 1",
+                                       "Motor axis 2"]), out)
+    return table
+
+
+def results_to_table(results: Sequence[TomogramResult], rule: ThresholdRule) -> pl.DataFrame:
+    """Apply the threshold rule and build the submission table (plus score and error)."""
+    scores = np.array([r.score for r in results], dtype=np.float64)
+    positive = apply_threshold(scores, rule)
+    rows = []
+    for result, pos in zip(results, positive):
+        z, y, x = result.peaks[0, :3] if pos else (-1.0, -1.0, -1.0)
+        rows.append({"tomo_id": result.tomo_id, "Motor axis 0": float(z),
+                     "Motor axis 1": float(y), "Motor axis 2": float(x),
+                     "score": result.score, "error": result.error})
+    schema = {"tomo_id": pl.String, "Motor axis 0": pl.Float64, "Motor axis 1": pl.Float64,
+              "Motor axis 2": pl.Float64, "score": pl.Float64, "error": pl.String}
+    return pl.DataFrame(rows, schema=schema)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m kernel_lib.infer", description=__doc__
+                                     .split("\n\n")[0])
+    parser.add_argument("--data-root", required=True, type=Path,
+                        help="competition folder with <split>/<tomo_id>/slice_*.jpg")
+    parser.add_argument("--weights", required=True, nargs="+", type=Path,
+                        help="run directories (config.json + model.pt); several = ensemble")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--out", type=Path, default=Path("submission.csv"))
+    parser.add_argument("--threshold", default=None,
+                        help="override the checkpoint's rule: fixed:0.4 or quantile:0.45")
+    parser.add_argument("--tta", action="store_true", help="flip test-time augmentation")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--z-stride", type=int, default=None)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1 (got {args.batch_size})")
+    if args.z_stride is not None and args.z_stride < 1:
+        parser.error(f"--z-stride must be >= 1 (got {args.z_stride})")
+    try:
+        table = run_inference(args.data_root, args.weights, args.split, args.out,
+                              args.threshold, args.tta, args.batch_size, args.device,
+                              z_stride=args.z_stride, progress=not args.no_progress)
+    except (InferenceError, ConfigError, ModelError, LabelError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    n_pos = int((table["Motor axis 0"] >= 0).sum())
+    n_err = int(table["error"].is_not_null().sum())
+    print(f"wrote {args.out}: {table.height} tomograms, {n_pos} with a motor, {n_err} failed")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,198 @@
+"""Preprocessing one tomogram exactly as the config says, and the training cache.
+
+``read -> resample to cfg.target_spacing -> percentile-normalise -> uint8`` in the *model* frame.
+The JPEG decoder already reduces by 2, 4 or 8 when the source spacing allows it. The returned
+:class:`~kernel_lib.resample.Frame` maps original voxels to model voxels.
+
+The cache holds one ``.npy`` (memory-mappable ``uint8``) per tomogram and source spacing plus a
+``manifest.json``; its folder name is a hash of the preprocessing settings, so a changed setting
+never reuses stale volumes. Every file is written to a temporary name and renamed.
+
+Example:
+    >>> from kernel_lib.config import PipelineConfig
+    >>> preprocessing_key(PipelineConfig()) == preprocessing_key(PipelineConfig(encoder="x"))
+    True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .config import PipelineConfig, atomic_write_bytes, atomic_write_text
+from .normalize import normalize
+from .resample import Frame, decode_frame, resample_to_spacing
+from .tomogram import ReadReport, choose_reduction, read_tomogram
+
+MANIFEST_NAME = "manifest.json"
+_PREPROCESSING_FIELDS = ("target_spacing", "percentile_low", "percentile_high", "normalize_per")
+CACHE_FORMAT = 1
+
+
+@dataclass
+class Preprocessed:
+    """A tomogram in the model frame.
+
+    Attributes:
+        volume: ``uint8`` ``(z, y, x)`` at ``cfg.target_spacing``, normalised to [0, 255].
+        frame: original voxels -> model voxels.
+        original_shape: shape of the tomogram as stored.
+        source_spacing: the spacing assumed for the original voxels.
+        report: what the reader repaired.
+    """
+
+    volume: np.ndarray
+    frame: Frame
+    original_shape: tuple[int, int, int]
+    source_spacing: float
+    report: ReadReport
+
+
+def preprocess_tomogram(folder: str | os.PathLike, source_spacing: float,
+                        cfg: PipelineConfig, workers: int | None = None) -> Preprocessed:
+    """Read, resample and normalise one tomogram folder."""
+    reduction = choose_reduction(source_spacing, cfg.target_spacing)
+    report = ReadReport(Path(folder))
+    raw = read_tomogram(folder, reduction=reduction, workers=workers, report=report)
+    # The reduced decode has ceil(n / r) pixels per row; recover the stored size for the frame.
+    original_shape = (raw.shape[0],) + tuple(_stored_size(folder, raw.shape[1:], reduction))
+    decoded_spacing = (source_spacing, source_spacing * reduction, source_spacing * reduction)
+    volume, resize = resample_to_spacing(raw, decoded_spacing, cfg.target_spacing)
+    del raw
+    volume = normalize(volume, cfg.percentile_low, cfg.percentile_high,
+                       per_slice=cfg.normalize_per == "slice", out="uint8")
+    return Preprocessed(volume, decode_frame(reduction).then(resize), original_shape,
+                        float(source_spacing), report)
+
+
+def _stored_size(folder: str | os.PathLike, decoded: tuple[int, int], reduction: int,
+                 ) -> tuple[int, int]:
+    if reduction == 1:
+        return decoded
+    from .tomogram import list_slices
+    import cv2
+
+    for path in list_slices(folder)[:5]:
+        image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        if image is not None:
+            return image.shape
+    return tuple(n * reduction for n in decoded)
+
+
+def preprocessing_key(cfg: PipelineConfig) -> str:
+    """Short hash of the settings that change a cached volume."""
+    data = {name: getattr(cfg, name) for name in _PREPROCESSING_FIELDS}
+    data["format"] = CACHE_FORMAT
+    return hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def cache_dir_for(cache_root: str | os.PathLike, cfg: PipelineConfig) -> Path:
+    return Path(cache_root) / f"prep_{preprocessing_key(cfg)}"
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+@dataclass
+class CacheEntry:
+    """One cached tomogram: where its volume is and how its frames relate."""
+
+    tomo_id: str
+    path: Path
+    shape: tuple[int, int, int]
+    original_shape: tuple[int, int, int]
+    source_spacing: float
+    frame: Frame
+
+    def load(self, mmap: bool = True) -> np.ndarray:
+        return np.load(self.path, mmap_mode="r" if mmap else None)
+
+    def to_json(self) -> dict:
+        return {"tomo_id": self.tomo_id, "file": self.path.name, "shape": list(self.shape),
+                "original_shape": list(self.original_shape),
+                "source_spacing": self.source_spacing, "frame": self.frame.to_dict()}
+
+    @classmethod
+    def from_json(cls, data: dict, root: Path) -> "CacheEntry":
+        return cls(data["tomo_id"], root / data["file"], tuple(data["shape"]),
+                   tuple(data["original_shape"]), float(data["source_spacing"]),
+                   Frame.from_dict(data["frame"]))
+
+
+def _entry_name(tomo_id: str, spacing: float) -> str:
+    return f"{tomo_id}__{spacing:.3f}A.npy"
+
+
+def load_manifest(cache: Path) -> dict[str, dict]:
+    path = cache / MANIFEST_NAME
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())["entries"]
+    except (json.JSONDecodeError, KeyError):
+        return {}  # a damaged manifest is rebuilt; the volumes are re-checked below
+
+
+def build_cache(folders: Iterable[tuple[str, Path, float]], cfg: PipelineConfig,
+                cache_root: str | os.PathLike, progress: bool = True,
+                ) -> dict[str, CacheEntry]:
+    """Preprocess tomograms into the cache, reusing what is already there.
+
+    Args:
+        folders: ``(tomo_id, folder, source_spacing)`` for each tomogram.
+        cfg: preprocessing settings.
+        cache_root: parent folder; the cache lives in a settings-specific sub-folder.
+        progress: show a progress bar.
+
+    Returns:
+        ``{tomo_id: CacheEntry}`` for the requested tomograms (keyed by ``tomo_id`` and, when a
+        tomogram is requested with several spacings, the last one wins).
+    """
+    cache = cache_dir_for(cache_root, cfg)
+    cache.mkdir(parents=True, exist_ok=True)
+    manifest = load_manifest(cache)
+    items = list(folders)
+    result: dict[str, CacheEntry] = {}
+    started, built = time.perf_counter(), 0
+    bar = tqdm(items, desc=f"cache {cache.name}", unit="tomo", disable=not progress)
+    for tomo_id, folder, spacing in bar:
+        name = _entry_name(tomo_id, spacing)
+        if name in manifest and (cache / name).is_file():
+            result[tomo_id] = CacheEntry.from_json(manifest[name], cache)
+            continue
+        prep = preprocess_tomogram(folder, spacing, cfg)
+        save_npy(cache / name, prep.volume)
+        entry = CacheEntry(tomo_id, cache / name, prep.volume.shape, prep.original_shape,
+                           spacing, prep.frame)
+        manifest[name] = entry.to_json()
+        result[tomo_id] = entry
+        built += 1
+        # Rewrite the manifest after each volume: an interrupted build keeps what it finished.
+        _write_manifest(cache, manifest, cfg)
+        bar.set_postfix(built=built, rate=f"{built / (time.perf_counter() - started):.2f}/s")
+    if not (cache / MANIFEST_NAME).is_file():
+        _write_manifest(cache, manifest, cfg)
+    return result
+
+
+def _write_manifest(cache: Path, manifest: dict, cfg: PipelineConfig) -> None:
+    settings = {name: getattr(cfg, name) for name in _PREPROCESSING_FIELDS}
+    atomic_write_text(cache / MANIFEST_NAME, json.dumps(
+        {"format": CACHE_FORMAT, "settings": settings, "entries": manifest}, indent=1))
+
+
+def cache_size_bytes(entries: Iterable[CacheEntry]) -> int:
+    """Bytes on disk of the given cache entries."""
+    return sum(entry.path.stat().st_size for entry in entries if entry.path.is_file())

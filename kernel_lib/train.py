@@ -1,0 +1,518 @@
+"""Training: ``python -m kernel_lib.train --data-root DIR --out RUN_DIR [options]``.
+
+``DIR`` has the competition layout (``train/<tomo_id>/slice_*.jpg`` and ``train_labels.csv``).
+Steps: preprocess once into a cache; split tomograms into folds; sample 2.5D stacks around
+motors and anywhere else with label-preserving augmentation; train with AdamW, warm-up + cosine
+schedule, gradient clipping, EMA and fp16 autocast on CUDA; after every epoch run full inference
+on the held-out fold, score it with the competition metric and sweep a fixed and a quantile
+threshold. ``RUN_DIR`` gets:
+
+- ``model.pt`` + ``config.json``: the best checkpoint by validation F2 and its config, including
+  the chosen threshold rule and the assumed test spacing (what inference loads);
+- ``last.pt``: full training state, so a rerun with the same ``--out`` resumes;
+- ``metrics.csv`` (one row per epoch), ``threshold_sweep.csv`` and ``val_predictions.csv`` of
+  the best epoch, ``folds.csv`` and ``train_config.json``.
+
+Example:
+    >>> from kernel_lib.train import TrainConfig
+    >>> TrainConfig(epochs=2).steps_per_epoch
+    100
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .config import ConfigError, PipelineConfig, atomic_write_bytes, atomic_write_text
+from .labels import LabelError, read_labels
+from .metric import score, solution_for_submission
+from .model import HeatmapModel, ModelError, build_model, save_checkpoint
+from .infer import Predictor, decode_peaks, model_input, pick_device
+from .preprocess import CacheEntry, build_cache
+from .sampling import Augment, SampleSpec, StackSampler
+from .stacks import stack_offsets
+from .threshold import apply_threshold, sweep_thresholds
+from .tomogram import TomogramError
+
+STATE_NAME = "last.pt"
+METRICS_NAME = "metrics.csv"
+
+
+class TrainError(ValueError):
+    """Training inputs or state that cannot be used; the message says what to do."""
+
+
+@dataclass
+class TrainConfig:
+    """Settings that only training needs (the model's own settings live in PipelineConfig).
+
+    Attributes:
+        fold: held-out fold index, or -1 to train on everything (no validation).
+        n_folds: number of folds of the tomogram-level split.
+        epochs: maximum number of epochs.
+        steps_per_epoch: optimiser steps per epoch.
+        batch_size: stacks per step.
+        crop: crop side in model voxels (a multiple of 32).
+        lr: peak learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear warm-up steps before the cosine decay.
+        positive_fraction: share of samples centred near a motor.
+        loss: ``"bce"`` (with ``pos_weight``) or ``"focal"`` (penalty-reduced focal loss).
+        pos_weight: BCE weight of positive heatmap pixels.
+        ema_decay: EMA decay of the weights (0 disables EMA).
+        grad_clip: gradient norm clip.
+        zoom_range: training zoom range (tolerance to an unknown test spacing).
+        max_minutes: stop after this wall time (0 = no limit), validating and saving first.
+        seed: seed of every random draw (runs are deterministic on CPU).
+        val_batch_size: stacks per forward pass in validation.
+        device: ``"cpu"``, ``"cuda"`` or None for automatic.
+        encoder_weights: optional local timm weights file for the encoder.
+        cache_dir: preprocessing cache root (default: ``DATA_ROOT/../cache``).
+    """
+
+    fold: int = 0
+    n_folds: int = 5
+    epochs: int = 10
+    steps_per_epoch: int = 100
+    batch_size: int = 16
+    crop: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 50
+    positive_fraction: float = 0.5
+    loss: str = "bce"
+    pos_weight: float = 10.0
+    ema_decay: float = 0.99
+    grad_clip: float = 2.0
+    zoom_range: tuple[float, float] = (0.75, 1.5)
+    max_minutes: float = 0.0
+    seed: int = 0
+    val_batch_size: int = 8
+    device: str | None = None
+    encoder_weights: str | None = None
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        self.zoom_range = tuple(float(z) for z in self.zoom_range)
+        checks = [
+            (self.n_folds >= 2 or self.fold == -1, f"n_folds must be >= 2 (got {self.n_folds})"),
+            (-1 <= self.fold < max(self.n_folds, 1),
+             f"fold must be in 0..{self.n_folds - 1} or 'all' (got {self.fold})"),
+            (self.epochs >= 1 and self.steps_per_epoch >= 1 and self.batch_size >= 1,
+             "epochs, steps_per_epoch and batch_size must be >= 1"),
+            (self.crop >= 32 and self.crop % 32 == 0,
+             f"crop must be a positive multiple of 32 (got {self.crop})"),
+            (self.loss in ("bce", "focal"), f"loss must be 'bce' or 'focal' (got {self.loss!r})"),
+            (0.0 <= self.positive_fraction <= 1.0,
+             f"positive_fraction must be in [0, 1] (got {self.positive_fraction})"),
+            (0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1) (got {self.ema_decay})"),
+            (0 < self.zoom_range[0] <= self.zoom_range[1],
+             f"zoom_range must be 0 < low <= high (got {self.zoom_range})"),
+            (self.lr > 0, f"lr must be > 0 (got {self.lr})"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise TrainError(message)
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def assign_folds(tomograms: pl.DataFrame, n_folds: int, seed: int) -> pl.DataFrame:
+    """``tomo_id -> fold``, shuffled with ``seed`` and stratified by ``has_motor``."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for has_motor in (True, False):
+        ids = sorted(tomograms.filter(pl.col("has_motor") == has_motor)["tomo_id"].to_list())
+        ids = [ids[i] for i in rng.permutation(len(ids))]
+        rows += [(tomo_id, i % n_folds) for i, tomo_id in enumerate(ids)]
+    return pl.DataFrame(rows, schema={"tomo_id": pl.String, "fold": pl.Int64}, orient="row")
+
+
+def motors_in_model_frame(motors: pl.DataFrame, entries: dict[str, CacheEntry],
+                          ) -> dict[str, np.ndarray]:
+    """``{tomo_id: (k, 3)}`` motor centres mapped into each cached volume's model frame."""
+    result = {tomo_id: np.zeros((0, 3)) for tomo_id in entries}
+    for tomo_id, group in motors.group_by("tomo_id"):
+        tomo_id = tomo_id[0]
+        if tomo_id in entries:
+            zyx = group.select(["z", "y", "x"]).to_numpy()
+            result[tomo_id] = entries[tomo_id].frame.apply(zyx)
+    return result
+
+
+# ---------------------------------------------------------------------------- losses
+
+
+def heatmap_loss(logits: torch.Tensor, target: torch.Tensor, kind: str,
+                 pos_weight: float) -> torch.Tensor:
+    """BCE with a positive weight on the soft target, or penalty-reduced focal loss.
+
+    The focal variant (from CornerNet / CenterNet) treats pixels with target > 0.99 as positives
+    and down-weights negatives near a motor by ``(1 - target)^4``.
+    """
+    if kind == "bce":
+        weight = torch.tensor(pos_weight, device=logits.device, dtype=logits.dtype)
+        return F.binary_cross_entropy_with_logits(logits, target, pos_weight=weight)
+    prob = torch.sigmoid(logits).clamp(1e-4, 1 - 1e-4)
+    positive = target.ge(0.99).float()
+    pos_loss = -torch.log(prob) * (1 - prob) ** 2 * positive
+    neg_loss = -torch.log(1 - prob) * prob ** 2 * (1 - target) ** 4 * (1 - positive)
+    n_pos = positive.sum().clamp(min=1.0)
+    return (pos_loss.sum() + neg_loss.sum()) / n_pos
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up to 1, then cosine decay to 0.01 at ``total`` steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+@dataclass
+class Validation:
+    """One validation pass: per-tomogram top peaks, the sweep and the chosen rule."""
+
+    f2: float
+    rule: object
+    predictions: pl.DataFrame
+    sweep: pl.DataFrame
+    precision: float
+    recall: float
+    f2_fixed: float
+    f2_quantile: float
+
+
+def validate(model: HeatmapModel, cfg: PipelineConfig, entries: dict[str, CacheEntry],
+             motors: pl.DataFrame, tomograms: pl.DataFrame, device: torch.device,
+             batch_size: int = 8, progress: bool = False) -> Validation:
+    """Full inference on the validation tomograms, scored with the competition metric."""
+    predictor = Predictor([model], cfg, device, batch_size=batch_size)
+    rows = []
+    for tomo_id in tqdm(sorted(entries), desc="validate", leave=False, disable=not progress):
+        entry = entries[tomo_id]
+        heat = predictor.heatmap(entry.load())
+        peaks = decode_peaks(heat, cfg, entry.frame, entry.original_shape, top_k=1)
+        z, y, x, s = peaks[0] if len(peaks) else (-1.0, -1.0, -1.0, float("nan"))
+        rows.append({"tomo_id": tomo_id, "z": z, "y": y, "x": x, "score": s})
+    model.train()
+    predictions = pl.DataFrame(rows)
+    scores = predictions["score"].to_numpy()
+    val_tomos = tomograms.filter(pl.col("tomo_id").is_in(list(entries)))
+    val_motors = motors.filter(pl.col("tomo_id").is_in(list(entries)))
+
+    def submission_for(positive: np.ndarray) -> pl.DataFrame:
+        keep = pl.Series(positive)
+        return predictions.select(
+            "tomo_id",
+            pl.when(keep).then(pl.col("z")).otherwise(-1.0).alias("Motor axis 0"),
+            pl.when(keep).then(pl.col("y")).otherwise(-1.0).alias("Motor axis 1"),
+            pl.when(keep).then(pl.col("x")).otherwise(-1.0).alias("Motor axis 2"))
+
+    def evaluate(positive: np.ndarray) -> float:
+        submission = submission_for(positive)
+        return score(solution_for_submission(val_motors, val_tomos, submission), submission)
+
+    result = sweep_thresholds(scores, evaluate)
+    positive = apply_threshold(scores, result.rule)
+    submission = submission_for(positive)
+    solution = solution_for_submission(val_motors, val_tomos, submission)
+    precision, recall = _precision_recall(solution, submission)
+    sweep = pl.DataFrame([("fixed", v, f) for v, f in result.fixed]
+                         + [("quantile", v, f) for v, f in result.quantile],
+                         schema={"kind": pl.String, "value": pl.Float64, "f2": pl.Float64},
+                         orient="row")
+    return Validation(result.f2, result.rule, predictions.with_columns(
+        pl.Series("positive", positive)), sweep, precision, recall,
+        result.best("fixed")[1], result.best("quantile")[1])
+
+
+def _precision_recall(solution: pl.DataFrame, submission: pl.DataFrame) -> tuple[float, float]:
+    from .metric import confusion
+
+    counts = confusion(solution, submission)
+    return float(counts["precision"]), float(counts["recall"])
+
+
+# ---------------------------------------------------------------------------- the loop
+
+
+def _state_bytes(obj: dict) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+@dataclass
+class TrainResult:
+    """Where the run is and how it went."""
+
+    run_dir: Path
+    best_f2: float | None
+    epochs_done: int
+    metrics: pl.DataFrame
+    stopped_by: str = "epochs"
+    history: list[dict] = field(default_factory=list)
+
+
+def train(data_root: str | os.PathLike, run_dir: str | os.PathLike,
+          cfg: PipelineConfig | None = None, tcfg: TrainConfig | None = None,
+          progress: bool = True, resume: bool = True) -> TrainResult:
+    """Train one fold (or all) and write the run directory; see the module docstring.
+
+    Args:
+        data_root: competition layout with ``train/`` and ``train_labels.csv``.
+        run_dir: output folder (resumed when it holds ``last.pt`` and ``resume``).
+        cfg: model and preprocessing settings.
+        tcfg: training-only settings.
+        progress: progress bars.
+        resume: continue from ``run_dir/last.pt`` when present.
+    """
+    cfg, tcfg = cfg or PipelineConfig(), tcfg or TrainConfig()
+    data_root, run_dir = Path(data_root), Path(run_dir)
+    labels_path = data_root / "train_labels.csv"
+    if not data_root.is_dir():
+        raise TrainError(f"--data-root {data_root} does not exist: point it at the competition "
+                         f"folder (train/ and train_labels.csv)")
+    if not labels_path.is_file():
+        raise TrainError(f"{labels_path} not found: --data-root must hold train_labels.csv")
+    labels = read_labels(labels_path)
+    tomograms, motors = labels.tomograms, labels.motors
+    missing = [t for t in tomograms["tomo_id"].to_list() if not (data_root / "train" / t).is_dir()]
+    if len(missing) == tomograms.height:
+        raise TrainError(f"none of the {tomograms.height} labelled tomograms has a folder in "
+                         f"{data_root / 'train'}: check --data-root")
+    if missing:
+        print(f"warning: {len(missing)} labelled tomogram(s) have no folder and are skipped: "
+              f"{missing[:5]}", file=sys.stderr)
+        tomograms = tomograms.filter(~pl.col("tomo_id").is_in(missing))
+
+    torch.manual_seed(tcfg.seed)
+    device = pick_device(tcfg.device)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    folds = assign_folds(tomograms, tcfg.n_folds if tcfg.fold >= 0 else 2, tcfg.seed)
+    atomic_write_text(run_dir / "folds.csv", folds.write_csv())
+    val_ids = set(folds.filter(pl.col("fold") == tcfg.fold)["tomo_id"]) if tcfg.fold >= 0 else set()
+    train_tomos = tomograms.filter(~pl.col("tomo_id").is_in(list(val_ids)))
+    if train_tomos.height == 0:
+        raise TrainError("no tomogram left for training: lower --n-folds or add data")
+    if cfg.assumed_test_spacing is None:
+        cfg = cfg.replace(assumed_test_spacing=float(train_tomos["voxel_spacing"].median()))
+    atomic_write_text(run_dir / "train_config.json",
+                      json.dumps(dataclasses.asdict(tcfg), indent=2, default=list) + "\n")
+
+    cache_root = Path(tcfg.cache_dir) if tcfg.cache_dir else data_root.parent / "cache"
+    spacing_of = dict(zip(tomograms["tomo_id"], tomograms["voxel_spacing"]))
+    train_entries = build_cache(
+        [(t, data_root / "train" / t, spacing_of[t]) for t in train_tomos["tomo_id"]],
+        cfg, cache_root, progress=progress)
+    # Validation sees what a test tomogram sees: the assumed spacing, not the true one.
+    val_entries = build_cache(
+        [(t, data_root / "train" / t, cfg.assumed_test_spacing) for t in sorted(val_ids)],
+        cfg, cache_root, progress=progress)
+
+    spec = SampleSpec(tcfg.crop, cfg.sigma_angstrom / cfg.target_spacing, cfg.output_stride,
+                      stack_offsets(cfg.stack_half, cfg.stack_step_slices))
+    sampler = StackSampler({t: e.load() for t, e in train_entries.items()},
+                           motors_in_model_frame(motors, train_entries), spec,
+                           Augment(zoom_range=tcfg.zoom_range), tcfg.positive_fraction)
+
+    model = build_model(cfg, tcfg.encoder_weights).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    total_steps = tcfg.epochs * tcfg.steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, tcfg.warmup_steps))
+    use_amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    ema = None
+    if tcfg.ema_decay > 0:
+        from timm.utils import ModelEmaV3
+        ema = ModelEmaV3(model, decay=tcfg.ema_decay, use_warmup=True)
+
+    history: list[dict] = []
+    best_f2, start_epoch, step, elapsed_before = None, 0, 0, 0.0
+    state_path = run_dir / STATE_NAME
+    if resume and state_path.is_file():
+        state = torch.load(state_path, map_location=device, weights_only=False)
+        if PipelineConfig.from_dict(state["config"]) != cfg:
+            raise TrainError(f"{state_path} was written with other settings: use a new "
+                             f"--out, or pass --no-resume to start over")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if ema is not None and state.get("ema") is not None:
+            ema.module.load_state_dict(state["ema"])
+        history, best_f2 = state["history"], state["best_f2"]
+        start_epoch, step = state["epoch"], state["step"]
+        elapsed_before = state.get("elapsed", 0.0)
+        print(f"resuming {run_dir} at epoch {start_epoch} (step {step})", file=sys.stderr)
+
+    started = time.perf_counter()
+    stopped_by = "epochs"
+    model.train()
+    for epoch in range(start_epoch, tcfg.epochs):
+        rng = np.random.default_rng([tcfg.seed, epoch])
+        torch.manual_seed(tcfg.seed * 100_003 + epoch)
+        losses, epoch_started = [], time.perf_counter()
+        bar = tqdm(range(tcfg.steps_per_epoch), desc=f"epoch {epoch + 1}/{tcfg.epochs}",
+                   leave=False, disable=not progress)
+        for _ in bar:
+            stacks, heat = sampler.batch(rng, tcfg.batch_size)
+            x = model_input(torch.from_numpy(stacks).to(device))
+            y = torch.from_numpy(heat).to(device)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                logits = model(x)
+            loss = heatmap_loss(logits.float(), y, tcfg.loss, tcfg.pos_weight)
+            if not torch.isfinite(loss):
+                raise TrainError(f"loss became {loss.item()} at epoch {epoch + 1}, step {step}: "
+                                 f"lower --lr; the last good checkpoint is {state_path}")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            if ema is not None:
+                ema.update(model, step=step)
+            step += 1
+            losses.append(loss.item())
+            rate = len(losses) * tcfg.batch_size / (time.perf_counter() - epoch_started)
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", samples_s=f"{rate:.1f}")
+            if tcfg.max_minutes and _minutes(started, elapsed_before) >= tcfg.max_minutes:
+                stopped_by = "max_minutes"
+                break
+
+        eval_model = ema.module if ema is not None else model
+        row = {"epoch": epoch + 1, "step": step, "train_loss": float(np.mean(losses)),
+               "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - epoch_started}
+        if val_entries:
+            val = validate(eval_model, cfg, val_entries, motors, tomograms, device,
+                           tcfg.val_batch_size, progress)
+            row.update(val_f2=val.f2, val_f2_fixed=val.f2_fixed, val_f2_quantile=val.f2_quantile,
+                       val_precision=val.precision, val_recall=val.recall,
+                       threshold=str(val.rule))
+            improved = best_f2 is None or val.f2 > best_f2
+            if improved:
+                best_f2 = val.f2
+                save_checkpoint(eval_model, cfg.replace(threshold=val.rule), run_dir,
+                                extra={"epoch": epoch + 1, "val_f2": val.f2})
+                atomic_write_text(run_dir / "threshold_sweep.csv", val.sweep.write_csv())
+                atomic_write_text(run_dir / "val_predictions.csv", val.predictions.write_csv())
+        else:
+            save_checkpoint(eval_model, cfg, run_dir, extra={"epoch": epoch + 1})
+        history.append(row)
+        atomic_write_text(run_dir / METRICS_NAME, pl.DataFrame(history).write_csv())
+        atomic_write_bytes(state_path, _state_bytes({
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "ema": ema.module.state_dict() if ema is not None else None,
+            "history": history, "best_f2": best_f2, "epoch": epoch + 1, "step": step,
+            "config": cfg.to_dict(), "elapsed": _minutes(started, elapsed_before) * 60}))
+        summary = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                            for k, v in row.items())
+        tqdm.write(summary) if progress else None
+        if stopped_by != "epochs":
+            break
+    return TrainResult(run_dir, best_f2, len(history), pl.DataFrame(history), stopped_by,
+                       history)
+
+
+def _minutes(started: float, elapsed_before: float) -> float:
+    return (time.perf_counter() - started + elapsed_before) / 60.0
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults, pdefaults = TrainConfig(), PipelineConfig()
+    parser = argparse.ArgumentParser(prog="python -m kernel_lib.train",
+                                     description="Train the 2.5D heatmap model.")
+    parser.add_argument("--data-root", required=True, type=Path)
+    parser.add_argument("--out", required=True, type=Path, help="run directory")
+    parser.add_argument("--fold", default="0", help="held-out fold index, or 'all'")
+    parser.add_argument("--n-folds", type=int, default=defaults.n_folds)
+    parser.add_argument("--epochs", type=int, default=defaults.epochs)
+    parser.add_argument("--steps-per-epoch", type=int, default=defaults.steps_per_epoch)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--crop", type=int, default=defaults.crop)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--loss", choices=("bce", "focal"), default=defaults.loss)
+    parser.add_argument("--pos-weight", type=float, default=defaults.pos_weight)
+    parser.add_argument("--positive-fraction", type=float, default=defaults.positive_fraction)
+    parser.add_argument("--ema-decay", type=float, default=defaults.ema_decay)
+    parser.add_argument("--zoom-range", type=float, nargs=2, default=defaults.zoom_range)
+    parser.add_argument("--max-minutes", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--encoder-weights", default=None,
+                        help="local timm weights file for the encoder (never downloaded)")
+    parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--encoder", default=pdefaults.encoder)
+    parser.add_argument("--target-spacing", type=float, default=pdefaults.target_spacing)
+    parser.add_argument("--assumed-test-spacing", type=float, default=None,
+                        help="spacing assumed for test tomograms (default: median of train)")
+    parser.add_argument("--stack-half", type=int, default=pdefaults.stack_half)
+    parser.add_argument("--output-stride", type=int, default=pdefaults.output_stride)
+    parser.add_argument("--z-stride", type=int, default=pdefaults.z_stride)
+    parser.add_argument("--no-resume", action="store_true", help="ignore RUN_DIR/last.pt")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.fold == "all":
+        fold = -1
+    else:
+        try:
+            fold = int(args.fold)
+        except ValueError:
+            parser.error(f"--fold must be an integer or 'all' (got {args.fold!r})")
+    try:
+        cfg = PipelineConfig(encoder=args.encoder, target_spacing=args.target_spacing,
+                             assumed_test_spacing=args.assumed_test_spacing,
+                             stack_half=args.stack_half, output_stride=args.output_stride,
+                             z_stride=args.z_stride)
+        tcfg = TrainConfig(fold=fold, n_folds=args.n_folds, epochs=args.epochs,
+                           steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
+                           crop=args.crop, lr=args.lr, loss=args.loss, pos_weight=args.pos_weight,
+                           positive_fraction=args.positive_fraction, ema_decay=args.ema_decay,
+                           zoom_range=tuple(args.zoom_range), max_minutes=args.max_minutes,
+                           seed=args.seed, device=args.device,
+                           encoder_weights=args.encoder_weights, cache_dir=args.cache_dir)
+        result = train(args.data_root, args.out, cfg, tcfg, progress=not args.no_progress,
+                       resume=not args.no_resume)
+    except (TrainError, ConfigError, ModelError, LabelError, TomogramError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    best = "n/a" if result.best_f2 is None else f"{result.best_f2:.4f}"
+    print(f"run {result.run_dir}: {result.epochs_done} epoch(s), best validation F2 {best}, "
+          f"stopped by {result.stopped_by}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

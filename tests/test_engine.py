@@ -1,0 +1,151 @@
+"""End to end through the real CLIs: synthetic -> train -> infer -> metric, plus failure paths."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from kernel_lib.config import PipelineConfig
+from kernel_lib.infer import run_inference
+from kernel_lib.labels import read_sample_submission, read_submission
+from kernel_lib.synthetic import generate_dataset
+from kernel_lib.train import TrainConfig, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_ARGS = ["--epochs", "2", "--steps-per-epoch", "3", "--batch-size", "2", "--crop", "64",
+              "--n-folds", "3", "--no-progress", "--seed", "3"]
+
+
+def _run(module: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("engine") / "data"
+    generate_dataset(root, n_train=5, n_test=3, seed=11, size="tiny", progress=False)
+    return root
+
+
+@pytest.mark.slow
+def test_train_infer_metric_through_the_clis(tiny, tmp_path):
+    run_dir = tmp_path / "run"
+    cache = tmp_path / "cache"
+    done = _run("kernel_lib.train", "--data-root", str(tiny), "--out", str(run_dir),
+                "--cache-dir", str(cache), *TRAIN_ARGS)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for name in ("model.pt", "config.json", "last.pt", "metrics.csv", "threshold_sweep.csv",
+                 "val_predictions.csv", "folds.csv", "train_config.json"):
+        assert (run_dir / name).is_file(), name
+    cfg = PipelineConfig.load(run_dir)
+    assert cfg.assumed_test_spacing is not None and cfg.assumed_test_spacing > 0
+    metrics = pl.read_csv(run_dir / "metrics.csv")
+    assert metrics["epoch"].to_list() == [1, 2]
+    assert {"train_loss", "val_f2", "val_f2_fixed", "val_f2_quantile", "threshold"} <= set(
+        metrics.columns)
+    manifest = json.loads(next(cache.glob("prep_*/manifest.json")).read_text())
+    assert len(manifest["entries"]) == 5  # train tomograms (true spacing) + validation (assumed)
+
+    out = tmp_path / "submission.csv"
+    done = _run("kernel_lib.infer", "--data-root", str(tiny), "--weights", str(run_dir),
+                "--out", str(out), "--no-progress")
+    assert done.returncode == 0, done.stderr[-2000:]
+    submission = read_submission(out)
+    assert submission["tomo_id"].to_list() == read_sample_submission(
+        tiny / "sample_submission.csv")
+
+    done = _run("kernel_lib.metric", str(tiny / "test_labels.csv"), str(out))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("score ")
+
+    # Resume: rerunning the finished run does not train again and keeps the metrics.
+    done = _run("kernel_lib.train", "--data-root", str(tiny), "--out", str(run_dir),
+                "--cache-dir", str(cache), *TRAIN_ARGS)
+    assert done.returncode == 0 and "resuming" in done.stderr
+    assert pl.read_csv(run_dir / "metrics.csv").height == 2
+
+
+@pytest.fixture(scope="module")
+def trained(tiny, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    train(tiny, run_dir, PipelineConfig(decoder_channels=(32, 16)),
+          TrainConfig(epochs=1, steps_per_epoch=2, batch_size=2, crop=64, n_folds=3, seed=1,
+                      cache_dir=str(run_dir.parent / "cache")), progress=False)
+    return run_dir
+
+
+@pytest.mark.slow
+def test_corrupt_tomogram_gets_its_minus_one_row(tiny, trained, tmp_path):
+    broken = tmp_path / "data"
+    (broken / "test").mkdir(parents=True)
+    ids = read_sample_submission(tiny / "sample_submission.csv")
+    for tomo_id in ids:
+        (broken / "test" / tomo_id).symlink_to(tiny / "test" / tomo_id)
+    (broken / "sample_submission.csv").write_bytes((tiny / "sample_submission.csv").read_bytes())
+    bad = broken / "test" / ids[0]
+    bad.unlink()
+    bad.mkdir()
+    (bad / "slice_0000.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+    with pytest.warns(UserWarning, match=ids[0]):
+        table = run_inference(broken, [trained], threshold="quantile:1.0", progress=False,
+                              out=tmp_path / "sub.csv")
+    assert table["tomo_id"].to_list() == ids
+    row = table.filter(pl.col("tomo_id") == ids[0])
+    assert row["Motor axis 0"][0] == -1.0 and row["error"][0] is not None
+    healthy = table.filter(pl.col("tomo_id") != ids[0])
+    assert (healthy["Motor axis 0"] >= 0).all() and healthy["error"].is_null().all()
+    assert read_submission(tmp_path / "sub.csv").height == len(ids)
+
+
+@pytest.mark.slow
+def test_missing_folder_and_known_spacing(tiny, trained, tmp_path):
+    data = tmp_path / "data"
+    (data / "test").mkdir(parents=True)
+    ids = read_sample_submission(tiny / "sample_submission.csv")
+    (data / "test" / ids[1]).symlink_to(tiny / "test" / ids[1])
+    (data / "sample_submission.csv").write_bytes((tiny / "sample_submission.csv").read_bytes())
+    with pytest.warns(UserWarning):
+        table = run_inference(data, [trained, trained], threshold="fixed:0.0", progress=False)
+    assert table.height == len(ids)
+    assert table.filter(pl.col("error").is_not_null())["tomo_id"].to_list() == [ids[0], ids[2]]
+
+
+def test_cli_errors_exit_2(tmp_path):
+    done = _run("kernel_lib.train", "--data-root", str(tmp_path / "nope"), "--out",
+                str(tmp_path / "run"))
+    assert done.returncode == 2 and "does not exist" in done.stderr
+    assert "Traceback" not in done.stderr
+    done = _run("kernel_lib.train", "--data-root", str(tmp_path), "--out", str(tmp_path / "r"),
+                "--fold", "x")
+    assert done.returncode == 2 and "--fold" in done.stderr
+    done = _run("kernel_lib.infer", "--data-root", str(tmp_path), "--weights",
+                str(tmp_path / "missing_run"))
+    assert done.returncode == 2 and "missing_run" in done.stderr
+    assert "Traceback" not in done.stderr
+    done = _run("kernel_lib.train", "--data-root", str(tmp_path), "--out", str(tmp_path / "r"),
+                "--crop", "50")
+    assert done.returncode == 2
+
+
+def test_train_is_deterministic_on_cpu(tiny, tmp_path):
+    cfg = PipelineConfig(decoder_channels=(16, 8))
+    results = []
+    for name in ("a", "b"):
+        run = tmp_path / name
+        train(tiny, run, cfg, TrainConfig(fold=-1, epochs=1, steps_per_epoch=2, batch_size=2,
+                                           crop=64, seed=5, ema_decay=0.0,
+                                           cache_dir=str(tmp_path / "cache")), progress=False)
+        results.append(torch.load(run / "model.pt", weights_only=True)["state_dict"])
+    for key in results[0]:
+        assert torch.equal(results[0][key], results[1][key]), key
+    assert np.isfinite(pl.read_csv(tmp_path / "a" / "metrics.csv")["train_loss"][0])
