@@ -25,3 +25,12 @@ test: $(STAMP)
 
 clean:
 	rm -rf data runs cache .pytest_cache
+
+# Offline bundle for the submission kernel: rebuild after every change to kernel_lib/ (a test
+# fails while wheels/ is stale). Kaggle metadata for OWNER (default: $KAGGLE_USERNAME).
+.PHONY: wheels kernel-metadata
+wheels: $(STAMP)
+	$(PY) scripts/build_wheels.py
+
+kernel-metadata: $(STAMP)
+	$(PY) scripts/kaggle_metadata.py $(if $(OWNER),--owner $(OWNER),)
