@@ -72,6 +72,7 @@ def to_submission(table: pl.DataFrame, positive: np.ndarray) -> pl.DataFrame:
 
 
 def scored(solution: pl.DataFrame, submission: pl.DataFrame) -> dict:
+    submission = submission.select("tomo_id", "Motor axis 0", "Motor axis 1", "Motor axis 2")
     counts = confusion(solution, submission)
     return {"f2": score(solution, submission), "precision": counts["precision"],
             "recall": counts["recall"], "tp": counts["tp"], "fp": counts["fp"],
@@ -85,6 +86,7 @@ def main() -> int:
     parser.add_argument("--n-test", type=int, default=30)
     parser.add_argument("--seed", type=int, default=2026)
     parser.add_argument("--loss", default="bce", choices=("bce", "focal"))
+    parser.add_argument("--steps-per-epoch", type=int, default=150)
     parser.add_argument("--workdir", type=Path, default=ROOT / "_work")
     parser.add_argument("--keep-data", action="store_true", help="reuse a generated set")
     parser.add_argument("--no-write", action="store_true", help="don't append to RESULTS.md")
@@ -104,7 +106,7 @@ def main() -> int:
     gen_seconds = time.perf_counter() - started
 
     cfg = PipelineConfig()
-    tcfg = TrainConfig(fold=0, n_folds=5, epochs=1000, steps_per_epoch=60,
+    tcfg = TrainConfig(fold=0, n_folds=5, epochs=1000, steps_per_epoch=args.steps_per_epoch,
                        max_minutes=args.minutes, seed=args.seed, loss=args.loss,
                        cache_dir=str(work / "cache"))
     t0 = time.perf_counter()
@@ -121,20 +123,19 @@ def main() -> int:
     infer_seconds = time.perf_counter() - t0
     rows = {"model, assumed spacing ({:.1f} A), rule {}".format(chosen.assumed_test_spacing,
                                                                  chosen.threshold):
-            scored(solution, model_table.drop("score", "error"))}
+            scored(solution, model_table)}
     known = run_inference(data, [run_dir], spacings=true_spacing, progress=False)
-    rows["model, true test spacing (not available on Kaggle)"] = scored(
-        solution, known.drop("score", "error"))
+    rows["model, true test spacing (not available on Kaggle)"] = scored(solution, known)
     for kind in ("fixed", "quantile"):
         if chosen.threshold.kind != kind:
-            # The other rule at its validation-best value, for comparison.
+            # The other rule at its validation-best value, applied to the same peaks.
             sweep = pl.read_csv(run_dir / "threshold_sweep.csv").filter(pl.col("kind") == kind)
             best = sweep.filter(pl.col("f2") == sweep["f2"].max())["value"]
-            value = float(best[(len(best) - 1) // 2])
-            alt = run_inference(data, [run_dir], threshold=ThresholdRule(kind, value),
-                                progress=False)
-            rows[f"model, assumed spacing, rule {kind}:{value:g}"] = scored(
-                solution, alt.drop("score", "error"))
+            rule = ThresholdRule(kind, float(best[(len(best) - 1) // 2]))
+            positive = apply_threshold(model_table["score"].to_numpy(), rule)
+            alt = to_submission(model_table.select("tomo_id", z="peak_z", y="peak_y",
+                                                   x="peak_x"), positive)
+            rows[f"model, assumed spacing, rule {rule}"] = scored(solution, alt)
 
     none = pl.DataFrame({"tomo_id": test_ids, "Motor axis 0": -1.0, "Motor axis 1": -1.0,
                          "Motor axis 2": -1.0})
@@ -165,7 +166,8 @@ def main() -> int:
         f"{platform.processor() or platform.machine()}, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), no GPU" if not torch.cuda.is_available() else "",
         f"- Command: `.venv/bin/python bench/accuracy.py --minutes {args.minutes:g} "
-        f"--n-train {args.n_train} --n-test {args.n_test} --seed {args.seed} --loss {args.loss}`",
+        f"--n-train {args.n_train} --n-test {args.n_test} --seed {args.seed} --loss {args.loss} "
+        f"--steps-per-epoch {args.steps_per_epoch}`",
         f"- Data: fresh synthetic set, seed {args.seed}, {args.n_train} train / {args.n_test} "
         f"test tomograms ({int(solution['Has motor'].sum())} test motors), generated in "
         f"{gen_seconds:.0f} s",

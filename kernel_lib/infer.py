@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -88,7 +89,11 @@ class Predictor:
 
     @torch.inference_mode()
     def heatmap(self, volume: np.ndarray, z_stride: int | None = None) -> torch.Tensor:
-        """Probabilities ``(ceil(Z / z_stride), ceil(Y / s), ceil(X / s))`` on the CPU."""
+        """Probabilities ``(ceil(Z / z_stride), ceil(Y / s), ceil(X / s))`` on the CPU.
+
+        NaN or infinite model outputs become 0 (never a peak); an out-of-memory error splits the
+        batch in halves, and at batch size 1 moves the models to the CPU (see :meth:`_predict`).
+        """
         z_stride = z_stride or self.cfg.z_stride
         stride = self.cfg.output_stride
         depth, h, w = volume.shape
@@ -96,17 +101,44 @@ class Predictor:
                            math.ceil(w / stride)), dtype=torch.float32)
         row = 0
         for _, stacks in iter_stack_batches(volume, self.offsets, self.batch_size, z_stride):
-            x = model_input(torch.from_numpy(stacks).to(self.device))
-            x, _ = pad_to_multiple(x, self.multiple)
-            probs = self._forward(x)[:, 0, :out.shape[1], :out.shape[2]]
-            out[row:row + len(probs)] = probs.float().cpu()
+            probs = self._predict(torch.from_numpy(stacks))[:, 0, :out.shape[1], :out.shape[2]]
+            out[row:row + len(probs)] = torch.nan_to_num(probs.float().cpu(), nan=0.0,
+                                                         posinf=1.0, neginf=0.0)
             row += len(probs)
         return out
+
+    def _predict(self, stacks: torch.Tensor) -> torch.Tensor:
+        """Forward ``uint8`` stacks, retrying smaller batches, then the CPU, when out of memory."""
+        try:
+            x = model_input(stacks.to(self.device))
+            x, _ = pad_to_multiple(x, self.multiple)
+            return self._forward(x)
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if not _is_out_of_memory(exc):
+                raise
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(stacks) > 1:
+                self.batch_size = max(1, len(stacks) // 2)
+                warnings.warn(f"out of memory at batch size {len(stacks)}: retrying with "
+                              f"{self.batch_size}", stacklevel=3)
+                half = len(stacks) // 2
+                return torch.cat([self._predict(stacks[:half]), self._predict(stacks[half:])])
+            if self.device.type != "cpu":
+                warnings.warn("out of memory at batch size 1: moving the models to the CPU "
+                              "(slow, but the tomogram is not lost)", stacklevel=3)
+                self.device = torch.device("cpu")
+                self.amp = False
+                self.models = [m.to(self.device) for m in self.models]
+                return self._predict(stacks)
+            raise
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         flips = [(), (-1,), (-2,)] if self.tta else [()]
         total = None
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+        autocast = (torch.autocast(self.device.type, dtype=torch.float16) if self.amp
+                    else contextlib.nullcontext())
+        with autocast:
             for model in self.models:
                 for dims in flips:
                     xi = torch.flip(x, dims) if dims else x
@@ -114,6 +146,10 @@ class Predictor:
                     p = torch.flip(p, dims) if dims else p
                     total = p if total is None else total + p
         return total / (len(self.models) * len(flips))
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower() \
+        or "can't allocate memory" in str(exc).lower()
 
 
 def decode_peaks(heat: torch.Tensor | np.ndarray, cfg: PipelineConfig, frame: Frame,
@@ -207,12 +243,12 @@ def list_test_tomograms(data_root: Path, split: str) -> list[str]:
     return folders
 
 
-def run_inference(data_root: str | os.PathLike, weights: Sequence[str | os.PathLike],
+def run_inference(data_root: str | os.PathLike, weights: Sequence[str | os.PathLike] | None,
                   split: str = "test", out: str | os.PathLike | None = None,
                   threshold: ThresholdRule | str | None = None, tta: bool = False,
                   batch_size: int = 8, device: str | None = None,
                   spacings: dict[str, float] | None = None, z_stride: int | None = None,
-                  progress: bool = True) -> pl.DataFrame:
+                  progress: bool = True, predictor: Predictor | None = None) -> pl.DataFrame:
     """Predict every tomogram of a split and write the submission.
 
     Args:
@@ -228,16 +264,22 @@ def run_inference(data_root: str | os.PathLike, weights: Sequence[str | os.PathL
             and the config's assumed spacing is used.
         z_stride: overrides the config's z stride.
         progress: show a progress bar.
+        predictor: an already built :class:`Predictor` to use instead of loading ``weights``
+            (tests and notebooks that hold a model in memory).
 
     Returns:
-        A DataFrame with the submission columns plus ``score`` and ``error`` per tomogram.
+        A DataFrame with the submission columns plus ``score``, ``peak_z/y/x`` and ``error``
+        per tomogram (see :func:`results_to_table`).
     """
     data_root = Path(data_root)
     if not data_root.is_dir():
         raise InferenceError(f"--data-root {data_root} does not exist: point it at the "
                              f"competition folder (with test/ and sample_submission.csv)")
-    dev = pick_device(device)
-    models, cfg = load_ensemble(list(weights), dev)
+    if predictor is None:
+        dev = pick_device(device)
+        models, cfg = load_ensemble(list(weights or []), dev)
+    else:
+        cfg = predictor.cfg
     if z_stride:
         cfg = cfg.replace(z_stride=z_stride)
     rule = ThresholdRule.parse(threshold) if isinstance(threshold, str) else (threshold or
@@ -245,7 +287,9 @@ def run_inference(data_root: str | os.PathLike, weights: Sequence[str | os.PathL
     if cfg.assumed_test_spacing is None and not spacings:
         raise InferenceError("the checkpoint's config has no assumed_test_spacing: retrain, or "
                              "set it in config.json (angstroms per voxel, e.g. 15.6)")
-    predictor = Predictor(models, cfg, dev, batch_size=batch_size, tta=tta)
+    if predictor is None:
+        predictor = Predictor(models, cfg, dev, batch_size=batch_size, tta=tta)
+    predictor.cfg = cfg
     ids = list_test_tomograms(data_root, split)
     results: list[TomogramResult] = []
     started = time.perf_counter()
@@ -271,17 +315,21 @@ def run_inference(data_root: str | os.PathLike, weights: Sequence[str | os.PathL
 
 
 def results_to_table(results: Sequence[TomogramResult], rule: ThresholdRule) -> pl.DataFrame:
-    """Apply the threshold rule and build the submission table (plus score and error)."""
+    """Apply the threshold rule and build the submission table, plus the top peak's score and
+    position (``peak_z/y/x``, whatever the rule said) and the error of a failed tomogram."""
     scores = np.array([r.score for r in results], dtype=np.float64)
     positive = apply_threshold(scores, rule)
     rows = []
     for result, pos in zip(results, positive):
-        z, y, x = result.peaks[0, :3] if pos else (-1.0, -1.0, -1.0)
+        top = result.peaks[0, :3] if len(result.peaks) else (np.nan, np.nan, np.nan)
+        z, y, x = top if pos else (-1.0, -1.0, -1.0)
         rows.append({"tomo_id": result.tomo_id, "Motor axis 0": float(z),
                      "Motor axis 1": float(y), "Motor axis 2": float(x),
-                     "score": result.score, "error": result.error})
+                     "score": result.score, "peak_z": float(top[0]), "peak_y": float(top[1]),
+                     "peak_x": float(top[2]), "error": result.error})
     schema = {"tomo_id": pl.String, "Motor axis 0": pl.Float64, "Motor axis 1": pl.Float64,
-              "Motor axis 2": pl.Float64, "score": pl.Float64, "error": pl.String}
+              "Motor axis 2": pl.Float64, "score": pl.Float64, "peak_z": pl.Float64,
+              "peak_y": pl.Float64, "peak_x": pl.Float64, "error": pl.String}
     return pl.DataFrame(rows, schema=schema)
 
 
