@@ -123,12 +123,19 @@ class HeatmapModel(nn.Module):
         return torch.sigmoid(self(x))
 
 
+def check_encoder_name(name: str) -> None:
+    """Raise :class:`ModelError` naming the fix when timm has no model called ``name``."""
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:5] if name else []
+        hint = f" (close: {', '.join(close)})" if close else ""
+        raise ModelError(f"unknown timm model {name!r}{hint}: pick one from timm.list_models(), "
+                         f"e.g. 'resnet18' or 'efficientnet_b0'")
+
+
 def create_encoder(name: str, in_chans: int,
                    weights: str | os.PathLike | None = None) -> nn.Module:
     """A timm ``features_only`` encoder, random init or from a local weights file."""
-    if not timm.list_models(name) and name not in timm.list_models():
-        raise ModelError(f"unknown timm model {name!r}: pick one from timm.list_models(), "
-                         f"e.g. 'resnet18' or 'efficientnet_b0'")
+    check_encoder_name(name)
     kwargs: dict = {"features_only": True, "in_chans": in_chans}
     if weights is not None:
         path = Path(weights)
@@ -206,5 +213,5 @@ def load_checkpoint(run_dir: str | os.PathLike, map_location: str | torch.device
     return model, cfg
 
 
-__all__ = ["HeatmapModel", "ModelError", "build_model", "create_encoder", "load_checkpoint",
+__all__ = ["HeatmapModel", "ModelError", "build_model", "check_encoder_name", "create_encoder", "load_checkpoint",
            "pad_to_multiple", "save_checkpoint", "ConfigError"]

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from .config import ConfigError, PipelineConfig, atomic_write_bytes, atomic_write_text
 from .labels import LabelError, read_labels
 from .metric import score, solution_for_submission
-from .model import HeatmapModel, ModelError, build_model, save_checkpoint
+from .model import HeatmapModel, ModelError, build_model, check_encoder_name, save_checkpoint
 from .infer import Predictor, decode_peaks, model_input, pick_device
 from .preprocess import CacheEntry, build_cache
 from .sampling import Augment, SampleSpec, StackSampler
@@ -290,6 +290,10 @@ def train(data_root: str | os.PathLike, run_dir: str | os.PathLike,
     """
     cfg, tcfg = cfg or PipelineConfig(), tcfg or TrainConfig()
     data_root, run_dir = Path(data_root), Path(run_dir)
+    check_encoder_name(cfg.encoder)  # before any heavy work
+    if tcfg.encoder_weights is not None and not Path(tcfg.encoder_weights).is_file():
+        raise TrainError(f"--encoder-weights {tcfg.encoder_weights} does not exist: attach the "
+                         f"file or drop the flag to train from random init")
     labels_path = data_root / "train_labels.csv"
     if not data_root.is_dir():
         raise TrainError(f"--data-root {data_root} does not exist: point it at the competition "

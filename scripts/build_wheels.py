@@ -1,7 +1,7 @@
 """Rebuild ``wheels/``: the offline bundle that the submission kernel installs from.
 
 The kernel runs with the internet off, so whatever it imports beyond Kaggle's image arrives as
-wheels in an attached dataset (see docs/bundle.md for why that is kernel_lib and timm only).
+wheels in an attached dataset (see the README section "Submitting" for why that is kernel_lib and timm only).
 This script
 
 * builds ``kernel_lib``'s own wheel (pure Python, ``py3-none-any``) from a clean copy of the

@@ -91,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="where the wheels dataset-metadata.json goes")
     parser.add_argument("--machine-shape", default=MACHINE_SHAPE,
                         help=f"accelerator (default {MACHINE_SHAPE}; NvidiaTeslaP100 needs a "
-                             f"torch-wheel dataset, see docs/bundle.md)")
+                             f"torch-wheel dataset, see the README section on P100 GPUs)")
     parser.add_argument("--extra-dataset", action="append", default=[], metavar="OWNER/SLUG",
                         help="attach another dataset too (repeatable), e.g. a torch-wheel one")
     args = parser.parse_args(argv)
