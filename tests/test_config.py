@@ -71,3 +71,18 @@ def test_threshold_parse(text, kind, value):
 def test_threshold_parse_errors(text):
     with pytest.raises(ConfigError):
         ThresholdRule.parse(text)
+
+
+def test_atomic_write_honours_umask(tmp_path):
+    import os
+    import stat
+
+    from kernel_lib.config import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "x.csv", "a\n")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "x.csv").stat().st_mode) == 0o644
+    assert (tmp_path / "x.csv").read_text() == "a\n"
