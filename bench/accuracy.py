@@ -87,6 +87,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=2026)
     parser.add_argument("--loss", default="bce", choices=("bce", "focal"))
     parser.add_argument("--steps-per-epoch", type=int, default=150)
+    parser.add_argument("--target-spacing", type=float, default=PipelineConfig().target_spacing)
+    parser.add_argument("--crop", type=int, default=TrainConfig().crop)
     parser.add_argument("--workdir", type=Path, default=ROOT / "_work")
     parser.add_argument("--keep-data", action="store_true", help="reuse a generated set")
     parser.add_argument("--no-write", action="store_true", help="don't append to RESULTS.md")
@@ -94,7 +96,7 @@ def main() -> int:
 
     work = args.workdir
     data = work / f"synthetic_{args.seed}_{args.n_train}_{args.n_test}"
-    run_dir = work / f"run_{args.loss}"
+    run_dir = work / f"run_{args.loss}_{args.target_spacing:g}A"
     if not args.keep_data and data.exists():
         shutil.rmtree(data)
     if run_dir.exists():
@@ -105,10 +107,10 @@ def main() -> int:
         generate_dataset(data, n_train=args.n_train, n_test=args.n_test, seed=args.seed)
     gen_seconds = time.perf_counter() - started
 
-    cfg = PipelineConfig()
+    cfg = PipelineConfig(target_spacing=args.target_spacing)
     tcfg = TrainConfig(fold=0, n_folds=5, epochs=1000, steps_per_epoch=args.steps_per_epoch,
                        max_minutes=args.minutes, seed=args.seed, loss=args.loss,
-                       cache_dir=str(work / "cache"))
+                       crop=args.crop, cache_dir=str(work / "cache"))
     t0 = time.perf_counter()
     result = train(data, run_dir, cfg, tcfg, progress=False)
     train_seconds = time.perf_counter() - t0
@@ -167,11 +169,13 @@ def main() -> int:
         f"({torch.get_num_threads()} threads), no GPU" if not torch.cuda.is_available() else "",
         f"- Command: `.venv/bin/python bench/accuracy.py --minutes {args.minutes:g} "
         f"--n-train {args.n_train} --n-test {args.n_test} --seed {args.seed} --loss {args.loss} "
-        f"--steps-per-epoch {args.steps_per_epoch}`",
+        f"--steps-per-epoch {args.steps_per_epoch} --target-spacing {args.target_spacing:g} "
+        f"--crop {args.crop}`",
         f"- Data: fresh synthetic set, seed {args.seed}, {args.n_train} train / {args.n_test} "
         f"test tomograms ({int(solution['Has motor'].sum())} test motors), generated in "
         f"{gen_seconds:.0f} s",
-        f"- Training: {cfg.encoder}, loss {args.loss}, {result.epochs_done} epochs "
+        f"- Training: {cfg.encoder} at {cfg.target_spacing:g} A/voxel, crop {args.crop}, "
+        f"loss {args.loss}, {result.epochs_done} epochs "
         f"({int(metrics['step'].max())} steps), stopped by {result.stopped_by}, "
         f"{train_seconds / 60:.1f} min incl. cache and validation; best validation F2 "
         f"{result.best_f2:.3f} (fold 0 of 5)",
@@ -186,7 +190,7 @@ def main() -> int:
                      f"{r['tp']} | {r['fp']} | {r['fn']} |")
     text = "\n".join(line for line in lines if line is not None) + "\n"
     print(text)
-    (work / f"accuracy_{args.loss}.json").write_text(json.dumps(rows, indent=1))
+    (work / f"accuracy_{args.loss}_{args.target_spacing:g}A.json").write_text(json.dumps(rows, indent=1))
     if not args.no_write:
         results = ROOT / "RESULTS.md"
         previous = results.read_text() if results.is_file() else "# Benchmark results\n\n"

@@ -7,10 +7,16 @@ max-pool NMS, and map them back to original voxels. Then one threshold rule over
 (fixed, or the quantile trick) decides which tomograms have a motor. A tomogram that fails gets
 a ``-1`` row and a warning naming it; the run goes on.
 
+A background thread reads and preprocesses the next tomogram while the model runs on the current
+one (``prefetch``). With a deadline (:mod:`kernel_lib.budget`) the run watches its own rate and,
+when it would be late, drops TTA, then the extra ensemble members, and finally writes ``-1`` rows
+for the tomograms it has no time for: ``submission.csv`` is always written.
+
 Command line::
 
     python -m kernel_lib.infer --data-root DIR --weights RUN_DIR [RUN_DIR ...] \\
-        [--split test] --out submission.csv [--threshold quantile:0.45] [--tta]
+        [--split test] --out submission.csv [--threshold quantile:0.45] [--tta] \\
+        [--deadline-minutes 600 | --deadline 2026-03-01T21:30] [--prefetch 1] [--compile]
 
 Example:
     >>> from kernel_lib.infer import run_inference  # doctest: +SKIP
@@ -21,9 +27,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime as dt
 import math
 import os
+import queue
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -36,11 +45,12 @@ import polars as pl
 import torch
 from tqdm.auto import tqdm
 
+from .budget import DEFAULT_RESERVE_SECONDS, EPOCH_CUTOFF, Budget, BudgetError, Deadline
 from .config import ConfigError, PipelineConfig, ThresholdRule
 from .labels import LabelError, read_sample_submission, write_submission
 from .model import HeatmapModel, ModelError, load_checkpoint, pad_to_multiple
 from .peaks import find_peaks, nms_radius_voxels
-from .preprocess import preprocess_tomogram
+from .preprocess import Preprocessed, preprocess_tomogram
 from .resample import Frame, heatmap_frame
 from .stacks import iter_stack_batches, stack_offsets
 from .threshold import apply_threshold
@@ -215,6 +225,108 @@ def predict_tomogram(folder: str | os.PathLike, predictor: Predictor, source_spa
     return TomogramResult(tomo_id or Path(folder).name, peaks, time.perf_counter() - started)
 
 
+class TomogramPrefetcher:
+    """Reads and preprocesses tomograms in a background thread, ahead of the model.
+
+    Decoding (OpenCV) and resampling release the GIL, so the next tomogram is prepared while
+    the model runs on the current one. At most ``ahead`` tomograms are prepared beyond the one
+    being predicted, so memory stays bounded (``ahead + 1`` preprocessed volumes).
+
+    Iterate to get ``(tomo_id, Preprocessed or None, error or None, seconds)`` in job order;
+    each item's volume may be released as soon as the next item is requested.
+
+    Args:
+        jobs: ``(tomo_id, folder, source_spacing)`` per tomogram.
+        cfg: preprocessing settings.
+        ahead: tomograms prepared in advance (>= 1).
+    """
+
+    def __init__(self, jobs: Sequence[tuple[str, Path, float]], cfg: PipelineConfig,
+                 ahead: int = 1) -> None:
+        if ahead < 1:
+            raise ValueError(f"ahead must be >= 1 (got {ahead}); read in the main thread instead")
+        self._jobs, self._cfg = list(jobs), cfg
+        self._ready: queue.Queue = queue.Queue()
+        self._slots = threading.Semaphore(ahead + 1)  # the one being predicted + ``ahead``
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tomogram-reader", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        for tomo_id, folder, spacing in self._jobs:
+            while not self._slots.acquire(timeout=0.1):
+                if self._stop.is_set():
+                    return
+            if self._stop.is_set():
+                return
+            started = time.perf_counter()
+            try:
+                item = (tomo_id, preprocess_tomogram(folder, spacing, self._cfg), None)
+            except Exception as exc:  # handed to the consumer, which writes a -1 row
+                item = (tomo_id, None, exc)
+            self._ready.put(item + (time.perf_counter() - started,))
+
+    def __iter__(self):
+        for index in range(len(self._jobs)):
+            if index:
+                self._slots.release()  # the previous tomogram is done with
+            yield self._ready.get()
+
+    def close(self) -> None:
+        """Stop reading ahead (a tomogram being read is finished, then dropped)."""
+        self._stop.set()
+
+
+def _read_in_place(jobs: Sequence[tuple[str, Path, float]], cfg: PipelineConfig):
+    """The prefetcher's items, read in the calling thread (``prefetch=0``)."""
+    for tomo_id, folder, spacing in jobs:
+        started = time.perf_counter()
+        try:
+            item = (tomo_id, preprocess_tomogram(folder, spacing, cfg), None)
+        except Exception as exc:
+            item = (tomo_id, None, exc)
+        yield item + (time.perf_counter() - started,)
+
+
+def _predict_prepared(tomo_id: str, prep: Preprocessed | None, error: Exception | None,
+                      read_seconds: float, predictor: Predictor) -> TomogramResult:
+    """Model and peaks for one preprocessed tomogram; any failure becomes a ``-1`` row."""
+    started = time.perf_counter()
+    try:
+        if error is not None:
+            raise error
+        heat = predictor.heatmap(prep.volume)
+        peaks = decode_peaks(heat, predictor.cfg, prep.frame, prep.original_shape)
+        return TomogramResult(tomo_id, peaks, read_seconds + time.perf_counter() - started)
+    except Exception as exc:  # one bad tomogram must not sink the submission
+        message = f"{type(exc).__name__}: {exc}"
+        warnings.warn(f"tomogram {tomo_id} failed and gets a -1 row ({message})", stacklevel=3)
+        if os.environ.get("BYU_DEBUG"):
+            traceback.print_exception(exc)
+        return TomogramResult(tomo_id, error=message)
+
+
+def _keep_pace(budget: Budget, predictor: Predictor, remaining: int) -> bool:
+    """Drop one step of optional work when the projection is late (TTA first, then the extra
+    ensemble members); False when not even the next tomogram fits before the deadline."""
+    if budget.should_drop_optional(remaining):
+        projected = budget.projected(remaining) / 60
+        if predictor.tta:
+            predictor.tta = False
+            dropped = "flip TTA"
+        elif len(predictor.models) > 1:
+            dropped = f"{len(predictor.models) - 1} extra ensemble member(s)"
+            predictor.models = predictor.models[:1]
+        else:
+            dropped = None
+        if dropped:
+            budget.stepped_down()
+            warnings.warn(f"{remaining} tomograms would take {projected:.1f} min, "
+                          f"{budget.available() / 60:.1f} min are left before the deadline: "
+                          f"dropping {dropped}", stacklevel=3)
+    return budget.can_start_next()
+
+
 def load_ensemble(weights: Sequence[str | os.PathLike], device: torch.device | str = "cpu",
                   ) -> tuple[list[HeatmapModel], PipelineConfig]:
     """Load one or more run directories; they must share preprocessing and heatmap geometry."""
@@ -259,7 +371,10 @@ def run_inference(data_root: str | os.PathLike, weights: Sequence[str | os.PathL
                   threshold: ThresholdRule | str | None = None, tta: bool = False,
                   batch_size: int = 8, device: str | None = None,
                   spacings: dict[str, float] | None = None, z_stride: int | None = None,
-                  progress: bool = True, predictor: Predictor | None = None) -> pl.DataFrame:
+                  progress: bool = True, predictor: Predictor | None = None,
+                  deadline: Deadline | float | None = None,
+                  reserve_seconds: float = DEFAULT_RESERVE_SECONDS, prefetch: int = 1,
+                  compile_model: bool = False) -> pl.DataFrame:
     """Predict every tomogram of a split and write the submission.
 
     Args:
@@ -277,6 +392,14 @@ def run_inference(data_root: str | os.PathLike, weights: Sequence[str | os.PathL
         progress: show a progress bar.
         predictor: an already built :class:`Predictor` to use instead of loading ``weights``
             (tests and notebooks that hold a model in memory).
+        deadline: when the submission must be written: a :class:`~kernel_lib.budget.Deadline`,
+            seconds from now, or a Unix time (see :meth:`Deadline.coerce`). When the run's
+            own rate says it will be late it drops TTA, then the extra ensemble members, and
+            finally writes ``-1`` rows for the tomograms it has no time for. None: no limit.
+        reserve_seconds: time kept free before the deadline to write the submission.
+        prefetch: tomograms read and preprocessed ahead in a background thread while the
+            model runs (0: read in turn, in the main thread).
+        compile_model: ``torch.compile`` the models (see :class:`Predictor`).
 
     Returns:
         A DataFrame with the submission columns plus ``score``, ``peak_z/y/x`` and ``error``
@@ -298,26 +421,47 @@ def run_inference(data_root: str | os.PathLike, weights: Sequence[str | os.PathL
     if cfg.assumed_test_spacing is None and not spacings:
         raise InferenceError("the checkpoint's config has no assumed_test_spacing: retrain, or "
                              "set it in config.json (angstroms per voxel, e.g. 15.6)")
+    if prefetch < 0:
+        raise InferenceError(f"prefetch must be >= 0 (got {prefetch})")
+    try:
+        budget = (None if deadline is None
+                  else Budget(Deadline.coerce(deadline), reserve_seconds=reserve_seconds))
+    except BudgetError as exc:
+        raise InferenceError(str(exc)) from None
     if predictor is None:
-        predictor = Predictor(models, cfg, dev, batch_size=batch_size, tta=tta)
+        predictor = Predictor(models, cfg, dev, batch_size=batch_size, tta=tta,
+                              compile=compile_model)
     predictor.cfg = cfg
     ids = list_test_tomograms(data_root, split)
+    jobs = [(tomo_id, data_root / split / tomo_id,
+             (spacings or {}).get(tomo_id, cfg.assumed_test_spacing)) for tomo_id in ids]
     results: list[TomogramResult] = []
     started = time.perf_counter()
-    bar = tqdm(ids, desc=f"infer {split}", unit="tomo", disable=not progress)
-    for tomo_id in bar:
-        spacing = (spacings or {}).get(tomo_id, cfg.assumed_test_spacing)
-        try:
-            result = predict_tomogram(data_root / split / tomo_id, predictor, spacing, tomo_id)
-        except Exception as exc:  # one bad tomogram must not sink the submission
-            message = f"{type(exc).__name__}: {exc}"
-            warnings.warn(f"tomogram {tomo_id} failed and gets a -1 row ({message})",
-                          stacklevel=2)
-            if os.environ.get("BYU_DEBUG"):
-                traceback.print_exc()
-            result = TomogramResult(tomo_id, error=message)
-        results.append(result)
-        bar.set_postfix(tomo_per_s=f"{len(results) / (time.perf_counter() - started):.2f}")
+    bar = tqdm(total=len(ids), desc=f"infer {split}", unit="tomo", disable=not progress)
+    if budget is None or budget.can_start_next():
+        reader = TomogramPrefetcher(jobs, cfg, prefetch) if prefetch else None
+        if budget is not None:
+            budget.start()
+        for tomo_id, prep, error, read_seconds in (reader or _read_in_place(jobs, cfg)):
+            results.append(_predict_prepared(tomo_id, prep, error, read_seconds, predictor))
+            del prep  # let the volume go before the next one arrives
+            bar.update(1)
+            bar.set_postfix(tomo_per_s=f"{len(results) / (time.perf_counter() - started):.2f}")
+            if budget is not None:
+                budget.finished()
+                if len(results) < len(ids) and not _keep_pace(budget, predictor,
+                                                              len(ids) - len(results)):
+                    break
+        if reader is not None:
+            reader.close()
+    bar.close()
+    if len(results) < len(ids):
+        skipped = ids[len(results):]
+        warnings.warn(f"deadline {budget.deadline}: no time left for {len(skipped)} of "
+                      f"{len(ids)} tomogram(s), which get -1 rows (from {skipped[0]})",
+                      stacklevel=2)
+        results += [TomogramResult(tomo_id, error="skipped: no time left before the deadline")
+                    for tomo_id in skipped]
     table = results_to_table(results, rule)
     if out is not None:
         write_submission(table.select(["tomo_id", "Motor axis 0", "Motor axis 1",
@@ -360,7 +504,40 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--z-stride", type=int, default=None)
     parser.add_argument("--device", default=None)
     parser.add_argument("--no-progress", action="store_true")
+    limit = parser.add_mutually_exclusive_group()
+    limit.add_argument("--deadline-minutes", type=float, default=None,
+                       help="write the submission within this many minutes from now: drops TTA, "
+                            "then extra ensemble members, then writes -1 rows when late")
+    limit.add_argument("--deadline", default=None,
+                       help="the same as an absolute time: a Unix time or an ISO date-time "
+                            "(2026-03-01T21:30, local time unless it has an offset)")
+    parser.add_argument("--reserve-seconds", type=float, default=DEFAULT_RESERVE_SECONDS,
+                        help="time kept free before the deadline to write the submission")
+    parser.add_argument("--prefetch", type=int, default=1,
+                        help="tomograms read ahead in a background thread (0: none)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the models (unmeasured on GPU; first batch compiles)")
     return parser
+
+
+def parse_deadline(text: str) -> Deadline:
+    """``--deadline``: a Unix time or an ISO date-time.
+
+    Raises:
+        BudgetError: neither, or a number too small to be a Unix time.
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        try:
+            return Deadline.at_time(dt.datetime.fromisoformat(text))
+        except ValueError:
+            raise BudgetError(f"--deadline {text!r} is neither a Unix time nor an ISO date-time "
+                              f"(e.g. 2026-03-01T21:30)") from None
+    if value < EPOCH_CUTOFF:
+        raise BudgetError(f"--deadline {text} is not a Unix time: use --deadline-minutes for a "
+                          f"time from now")
+    return Deadline.at_time(value)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -375,10 +552,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             ThresholdRule.parse(args.threshold)
         except ConfigError as exc:
             parser.error(str(exc))
+    if args.prefetch < 0:
+        parser.error(f"--prefetch must be >= 0 (got {args.prefetch})")
+    if args.reserve_seconds < 0:
+        parser.error(f"--reserve-seconds must be >= 0 (got {args.reserve_seconds})")
+    deadline = None
+    try:
+        if args.deadline is not None:
+            deadline = parse_deadline(args.deadline)
+        elif args.deadline_minutes is not None:
+            deadline = Deadline.in_seconds(args.deadline_minutes * 60.0)
+    except BudgetError as exc:
+        parser.error(str(exc))
     try:
         table = run_inference(args.data_root, args.weights, args.split, args.out,
                               args.threshold, args.tta, args.batch_size, args.device,
-                              z_stride=args.z_stride, progress=not args.no_progress)
+                              z_stride=args.z_stride, progress=not args.no_progress,
+                              deadline=deadline, reserve_seconds=args.reserve_seconds,
+                              prefetch=args.prefetch, compile_model=args.compile)
     except (InferenceError, ConfigError, ModelError, LabelError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

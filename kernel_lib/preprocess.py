@@ -30,8 +30,10 @@ from tqdm.auto import tqdm
 
 from .config import PipelineConfig, atomic_write_bytes, atomic_write_text
 from .normalize import normalize
-from .resample import Frame, decode_frame, resample_to_spacing
-from .tomogram import ReadReport, choose_reduction, read_tomogram
+from .resample import (Frame, decode_frame, resample_to_spacing, resize_depth_inplace,
+                       target_shape)
+from .tomogram import (ReadReport, choose_reduction, list_slices, read_tomogram, reduced_size,
+                       slice_positions, stored_slice_shape)
 
 MANIFEST_NAME = "manifest.json"
 _PREPROCESSING_FIELDS = ("target_spacing", "percentile_low", "percentile_high", "normalize_per")
@@ -59,9 +61,36 @@ class Preprocessed:
 
 def preprocess_tomogram(folder: str | os.PathLike, source_spacing: float,
                         cfg: PipelineConfig, workers: int | None = None) -> Preprocessed:
-    """Read, resample and normalise one tomogram folder."""
+    """Read, resample and normalise one tomogram folder.
+
+    JPEG slices take the streaming path: the headers give the stored size, each reader thread
+    resizes its slice in-plane as soon as it is decoded, the z resize and the normalisation run
+    in place, so the only volume ever held is one at the model's resolution (``uint8``). The
+    result is identical to reading the whole volume, then resampling, then normalising, which
+    is what other slice formats still do.
+    """
     reduction = choose_reduction(source_spacing, cfg.target_spacing)
     report = ReadReport(Path(folder))
+    paths = list_slices(folder)
+    stored = stored_slice_shape(paths)
+    if stored is not None:
+        depth, _ = slice_positions(paths)
+        decoded = (depth,) + reduced_size(stored, reduction)
+        decoded_spacing = (source_spacing, source_spacing * reduction, source_spacing * reduction)
+        shape = target_shape(decoded, decoded_spacing, cfg.target_spacing)
+        buffer = np.empty((max(depth, shape[0]),) + shape[1:], dtype=np.uint8)
+        read_tomogram(folder, reduction=reduction, workers=workers, report=report,
+                      plane_shape=shape[1:], out=buffer)
+        if report.decoded_shape == decoded[1:]:  # else the headers lied: take the slow path
+            volume = resize_depth_inplace(buffer, depth, shape[0])
+            volume = normalize(volume, cfg.percentile_low, cfg.percentile_high,
+                               per_slice=cfg.normalize_per == "slice", out="uint8",
+                               overwrite=True)
+            frame = decode_frame(reduction).then(Frame.resize(decoded, shape))
+            return Preprocessed(volume, frame, (depth,) + tuple(stored), float(source_spacing),
+                                report)
+        del buffer
+        report = ReadReport(Path(folder))
     raw = read_tomogram(folder, reduction=reduction, workers=workers, report=report)
     # The reduced decode has ceil(n / r) pixels per row; recover the stored size for the frame.
     original_shape = (raw.shape[0],) + tuple(_stored_size(folder, raw.shape[1:], reduction))
@@ -76,11 +105,15 @@ def preprocess_tomogram(folder: str | os.PathLike, source_spacing: float,
 
 def _stored_size(folder: str | os.PathLike, decoded: tuple[int, int], reduction: int,
                  ) -> tuple[int, int]:
+    """Stored ``(height, width)`` of slices read at 1/``reduction``: from the JPEG headers when
+    there are any, else by decoding one slice at full size."""
     if reduction == 1:
         return decoded
-    from .tomogram import list_slices
     import cv2
 
+    stored = stored_slice_shape(list_slices(folder))
+    if stored is not None:
+        return stored
     for path in list_slices(folder)[:5]:
         image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
         if image is not None:

@@ -114,10 +114,9 @@ def resize_volume(volume: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray
         raise ValueError(f"resize_volume needs a (z, y, x) volume (got shape {volume.shape})")
     z, y, x = shape
     if (y, x) != volume.shape[1:]:
-        interp = _interpolation(volume.shape[1] * volume.shape[2], y * x)
         planes = np.empty((volume.shape[0], y, x), dtype=volume.dtype)
         for i in range(volume.shape[0]):
-            planes[i] = cv2.resize(volume[i], (x, y), interpolation=interp)
+            resize_plane(volume[i], (y, x), out=planes[i])
         volume = planes
     if z != volume.shape[0]:
         interp = _interpolation(volume.shape[0], z)
@@ -129,6 +128,62 @@ def resize_volume(volume: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray
                 chunk, (chunk.shape[1], z), interpolation=interp)
         volume = out.reshape(z, y, x)
     return volume
+
+
+def resize_plane(image: np.ndarray, shape: tuple[int, int],
+                 out: np.ndarray | None = None) -> np.ndarray:
+    """Resize one ``(y, x)`` slice as :func:`resize_volume` does in-plane (area when the slice
+    shrinks, linear when it grows); thread-safe, so a reader can resize while it decodes.
+
+    Args:
+        image: 2D slice.
+        shape: ``(height, width)`` wanted.
+        out: optional C-contiguous array of that shape and ``image``'s dtype to write into.
+    """
+    height, width = shape
+    if image.shape == (height, width):
+        if out is None:
+            return image
+        out[...] = image
+        return out
+    interp = _interpolation(image.shape[0] * image.shape[1], height * width)
+    if out is None:
+        return cv2.resize(image, (width, height), interpolation=interp)
+    result = cv2.resize(image, (width, height), dst=out, interpolation=interp)
+    if result is not out and not np.shares_memory(result, out):  # cv2 declined the buffer
+        out[...] = result
+    return out
+
+
+def resize_depth_inplace(buffer: np.ndarray, depth_in: int, depth_out: int) -> np.ndarray:
+    """Resize the first ``depth_in`` slices of ``buffer`` along z to ``depth_out`` slices, in
+    place: no second volume is allocated (peak extra memory is one column chunk).
+
+    The result equals the z step of :func:`resize_volume` exactly (the same ``cv2.resize`` on
+    the same columns, taken a chunk at a time and copied out before they are overwritten).
+
+    Args:
+        buffer: C-contiguous ``(n, y, x)`` array with ``n >= max(depth_in, depth_out)``.
+        depth_in: slices of the input volume (its first slices).
+        depth_out: slices wanted.
+
+    Returns:
+        ``buffer[:depth_out]``, a view.
+    """
+    if buffer.ndim != 3 or not buffer.flags.c_contiguous:
+        raise ValueError(f"resize_depth_inplace needs a C-contiguous (z, y, x) buffer "
+                         f"(got shape {buffer.shape})")
+    if not 1 <= depth_in <= buffer.shape[0] or not 1 <= depth_out <= buffer.shape[0]:
+        raise ValueError(f"buffer of {buffer.shape[0]} slices cannot hold {depth_in} -> "
+                         f"{depth_out} slices: allocate max(depth_in, depth_out) slices")
+    if depth_out != depth_in:
+        interp = _interpolation(depth_in, depth_out)
+        flat = buffer.reshape(buffer.shape[0], -1)
+        for start in range(0, flat.shape[1], _MAX_COLUMNS):
+            chunk = np.ascontiguousarray(flat[:depth_in, start:start + _MAX_COLUMNS])
+            flat[:depth_out, start:start + chunk.shape[1]] = cv2.resize(
+                chunk, (chunk.shape[1], depth_out), interpolation=interp)
+    return buffer[:depth_out]
 
 
 def _interpolation(source_size: int, target_size: int) -> int:

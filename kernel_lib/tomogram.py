@@ -30,6 +30,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .resample import resize_plane as _resize_plane
+
 SLICE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 REDUCTIONS = (1, 2, 4, 8)
 _REDUCED_FLAGS = {
@@ -39,6 +41,10 @@ _REDUCED_FLAGS = {
     8: cv2.IMREAD_REDUCED_GRAYSCALE_8,
 }
 _NUMBER = re.compile(r"(\d+)")
+_JPEG_TAIL = 64  # bytes at the end of a JPEG searched for its end-of-image marker
+# JPEG start-of-frame markers (SOF0-SOF15 without DHT 0xC4, JPG 0xC8 and DAC 0xCC).
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_STANDALONE_MARKERS = frozenset(range(0xD0, 0xD9)) | {0x01}
 
 
 class TomogramError(ValueError):
@@ -60,6 +66,7 @@ class ReadReport:
         replaced: slice indices that could not be decoded and were replaced by a neighbour.
         resized: slice indices padded or cropped to the common size.
         gaps: slice numbers missing from the numbering (filled by a neighbour).
+        decoded_shape: ``(height, width)`` of the common decoded slice, before any resize.
     """
 
     folder: Path
@@ -68,6 +75,7 @@ class ReadReport:
     replaced: list[int] = field(default_factory=list)
     resized: list[int] = field(default_factory=list)
     gaps: list[int] = field(default_factory=list)
+    decoded_shape: tuple[int, int] | None = None
 
     @property
     def repaired(self) -> bool:
@@ -117,6 +125,77 @@ def choose_reduction(source_spacing: float, target_spacing: float) -> int:
     return best
 
 
+def jpeg_size(path: str | os.PathLike) -> tuple[int, int] | None:
+    """``(height, width)`` of a JPEG read from its frame header, without decoding it.
+
+    Walks the marker segments up to the first start-of-frame marker (a few hundred bytes for a
+    typical slice).
+
+    Returns:
+        The stored size, or None when the file is not a readable JPEG (e.g. a PNG slice).
+    """
+    try:
+        with open(path, "rb") as handle:
+            if handle.read(2) != b"\xff\xd8":
+                return None
+            while True:
+                byte = handle.read(1)
+                while byte and byte != b"\xff":  # tolerate junk between segments
+                    byte = handle.read(1)
+                while byte == b"\xff":  # fill bytes
+                    byte = handle.read(1)
+                if not byte:
+                    return None
+                marker = byte[0]
+                if marker in _STANDALONE_MARKERS:
+                    continue
+                if marker in (0xD9, 0xDA):  # end of image or start of scan before any frame
+                    return None
+                length = handle.read(2)
+                if len(length) < 2 or int.from_bytes(length, "big") < 2:
+                    return None
+                if marker in _SOF_MARKERS:
+                    header = handle.read(5)  # precision, height (2 bytes), width (2 bytes)
+                    if len(header) < 5:
+                        return None
+                    height = int.from_bytes(header[1:3], "big")
+                    width = int.from_bytes(header[3:5], "big")
+                    return (height, width) if height > 0 and width > 0 else None
+                handle.seek(int.from_bytes(length, "big") - 2, os.SEEK_CUR)
+    except OSError:
+        return None
+
+
+def stored_slice_shape(paths: list[Path]) -> tuple[int, int] | None:
+    """The most common ``(height, width)`` among the JPEG headers of ``paths``.
+
+    Returns:
+        The size, or None when no slice has a readable JPEG header (PNG or TIFF slices): then
+        only decoding tells the size.
+    """
+    sizes = Counter(size for size in map(jpeg_size, paths) if size is not None)
+    return sizes.most_common(1)[0][0] if sizes else None
+
+
+def reduced_size(shape: tuple[int, int], reduction: int) -> tuple[int, int]:
+    """Size of a ``(height, width)`` slice decoded at 1/``reduction`` (rounded up, as libjpeg
+    and :func:`decode_slice` do)."""
+    return (-(-shape[0] // reduction), -(-shape[1] // reduction))
+
+
+def slice_positions(paths: list[Path]) -> tuple[int, list[int]]:
+    """Depth of the volume and the z index of each slice file (sorted as :func:`list_slices`).
+
+    A consecutive numbering with gaps keeps its meaning (the depth covers the gaps, which are
+    filled later); names without unique numbers are stacked in order.
+    """
+    numbers = [slice_number(p) for p in paths]
+    if all(n >= 0 for n in numbers) and len(set(numbers)) == len(numbers):
+        first = numbers[0]
+        return numbers[-1] - first + 1, [n - first for n in numbers]
+    return len(paths), list(range(len(paths)))
+
+
 def decode_slice(path: str | os.PathLike, reduction: int = 1) -> np.ndarray | None:
     """Decode one slice as 2D ``uint8`` gray, or None when it cannot be decoded.
 
@@ -129,11 +208,12 @@ def decode_slice(path: str | os.PathLike, reduction: int = 1) -> np.ndarray | No
         raw = np.fromfile(str(path), dtype=np.uint8)
     except OSError:
         return None
-    if raw.size == 0:
+    if raw.size == 0 or _is_truncated_jpeg(raw):
         return None
-    image = cv2.imdecode(raw, _REDUCED_FLAGS[reduction])
+    is_jpeg = raw.size > 2 and raw[0] == 0xFF and raw[1] == 0xD8
+    image = cv2.imdecode(raw, _REDUCED_FLAGS[reduction]) if is_jpeg else None
     if image is None or image.size == 0:
-        # Not a JPEG the reduced decoder handles (e.g. a 16-bit PNG): decode as it is.
+        # Not a JPEG (e.g. a 16-bit PNG): decode as stored, then convert and reduce here.
         image = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED)
         if image is None or image.size == 0:
             return None
@@ -145,12 +225,25 @@ def decode_slice(path: str | os.PathLike, reduction: int = 1) -> np.ndarray | No
     return _to_gray_uint8(image)
 
 
+def _is_truncated_jpeg(raw: np.ndarray) -> bool:
+    """A JPEG (starts with FF D8) whose end-of-image marker (FF D9) is missing near its end.
+
+    OpenCV decodes a truncated JPEG into a partly grey slice without failing; treating it as
+    unreadable lets the reader replace it with a neighbour instead.
+    """
+    if raw.size < 4 or raw[0] != 0xFF or raw[1] != 0xD8:
+        return False
+    tail = raw[-_JPEG_TAIL:].tobytes()
+    return b"\xff\xd9" not in tail
+
+
 def _to_gray_uint8(image: np.ndarray) -> np.ndarray:
     if image.ndim == 3:
         code = cv2.COLOR_BGRA2GRAY if image.shape[2] == 4 else cv2.COLOR_BGR2GRAY
         image = cv2.cvtColor(image, code) if image.shape[2] in (3, 4) else image[..., 0]
     if image.dtype == np.uint16:
-        image = (image >> 8).astype(np.uint8)
+        # 8-bit data stored in a 16-bit file keeps its values; real 16-bit data keeps its top byte.
+        image = image.astype(np.uint8) if image.max() <= 255 else (image >> 8).astype(np.uint8)
     elif image.dtype != np.uint8:
         image = cv2.normalize(image.astype(np.float32), None, 0, 255, cv2.NORM_MINMAX)
         image = image.astype(np.uint8)
@@ -168,7 +261,8 @@ def _fit(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 def read_tomogram(folder: str | os.PathLike, reduction: int = 1, workers: int | None = None,
-                  report: ReadReport | None = None) -> np.ndarray:
+                  report: ReadReport | None = None, plane_shape: tuple[int, int] | None = None,
+                  out: np.ndarray | None = None) -> np.ndarray:
     """Read a tomogram folder into a ``uint8`` array ``(z, y, x)``.
 
     Args:
@@ -176,10 +270,16 @@ def read_tomogram(folder: str | os.PathLike, reduction: int = 1, workers: int | 
         reduction: decode at 1/reduction of the resolution in y and x (1, 2, 4 or 8).
         workers: decoding threads (default: all cores, at most 8).
         report: if given, filled with what was repaired.
+        plane_shape: resize every decoded slice to this ``(height, width)`` inside the decoding
+            threads (as :func:`~kernel_lib.resample.resize_plane`: area when shrinking, linear
+            when growing), so the decoded full-size volume never exists. None keeps the size.
+        out: optional C-contiguous ``uint8`` buffer ``(n >= depth, height, width)`` to decode
+            into (e.g. with spare slices for :func:`~kernel_lib.resample.resize_depth_inplace`).
 
     Returns:
-        The volume; slice i of it is the i-th slice number in order. A gap in the numbering is
-        filled with the previous slice so z indices keep their meaning.
+        The volume (``out[:depth]`` when ``out`` is given); slice i of it is the i-th slice
+        number in order. A gap in the numbering is filled with the nearest slice so z indices
+        keep their meaning.
 
     Raises:
         TomogramError: the folder is missing, empty, or no slice in it can be decoded.
@@ -189,40 +289,41 @@ def read_tomogram(folder: str | os.PathLike, reduction: int = 1, workers: int | 
     report = report if report is not None else ReadReport(folder)
     report.folder, report.reduction = folder, reduction
     workers = workers or min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        images = list(pool.map(lambda p: decode_slice(p, reduction), paths))
-
-    good = [i for i, image in enumerate(images) if image is not None]
-    if not good:
-        raise TomogramError(f"no slice of {folder} could be decoded ({len(paths)} files): the "
-                            f"folder holds no readable image")
-    shape = Counter(images[i].shape for i in good).most_common(1)[0][0]
-
-    # Map slice numbers to z: fill gaps in a consecutive numbering, keep order otherwise.
-    numbers = [slice_number(p) for p in paths]
-    if all(n >= 0 for n in numbers) and len(set(numbers)) == len(numbers):
-        first = numbers[0]
-        depth = numbers[-1] - first + 1
-        z_of = [n - first for n in numbers]
+    depth, z_of = slice_positions(paths)
+    # With a resize or a buffer, the JPEG headers tell the decoded size up front, so each
+    # thread can resize its slice straight into place.
+    expected = None
+    if plane_shape is not None or out is not None:
+        stored = stored_slice_shape(paths)
+        expected = reduced_size(stored, reduction) if stored is not None else None
+    volume = None
+    if expected is not None:
+        volume = _volume_buffer(out, depth, tuple(plane_shape or expected), folder)
+        images = _decode_all(paths, reduction, workers, expected, volume, z_of)
+        if _common_shape(images, expected, folder) != expected:  # headers disagree: decode again
+            images = _decode_all(paths, reduction, workers)
     else:
-        depth, z_of = len(paths), list(range(len(paths)))
-    volume = np.empty((depth,) + shape, dtype=np.uint8)
+        images = _decode_all(paths, reduction, workers)
+    shape = _common_shape(images, expected, folder)
+    if volume is None or shape != expected:
+        volume = _volume_buffer(out, depth, tuple(plane_shape or shape), folder)
     filled = np.zeros(depth, dtype=bool)
     for i, image in enumerate(images):
         if image is None:
             report.replaced.append(z_of[i])
             continue
-        if image.shape != shape:
-            report.resized.append(z_of[i])
-            image = _fit(image, shape)
-        volume[z_of[i]] = image
+        if image is not _DONE:
+            if image.shape != shape:
+                report.resized.append(z_of[i])
+                image = _fit(image, shape)
+            _resize_plane(image, volume.shape[1:], out=volume[z_of[i]])
         filled[z_of[i]] = True
     report.gaps = [z for z in range(depth) if not filled[z] and z not in report.replaced]
     if not filled.all():
         good_z = np.flatnonzero(filled)
         for z in np.flatnonzero(~filled):
             volume[z] = volume[good_z[np.argmin(np.abs(good_z - z))]]
-    report.n_slices = depth
+    report.n_slices, report.decoded_shape = depth, shape
     if report.repaired:
         warnings.warn(
             f"{folder}: repaired {len(report.replaced)} unreadable, {len(report.gaps)} missing and "
@@ -230,3 +331,44 @@ def read_tomogram(folder: str | os.PathLike, reduction: int = 1, workers: int | 
             f"(z {sorted(report.replaced + report.gaps + report.resized)[:10]})",
             SliceWarning, stacklevel=2)
     return volume
+
+
+_DONE = object()  # a slice already decoded and resized into the volume by its thread
+
+
+def _decode_all(paths: list[Path], reduction: int, workers: int,
+                expected: tuple[int, int] | None = None, volume: np.ndarray | None = None,
+                z_of: list[int] | None = None) -> list:
+    """Decode every slice in threads: a slice of the ``expected`` size goes straight into
+    ``volume`` (resized) and is returned as ``_DONE``; others come back as arrays (None when
+    unreadable)."""
+    def work(i: int):
+        image = decode_slice(paths[i], reduction)
+        if expected is None or image is None or image.shape != expected:
+            return image
+        _resize_plane(image, volume.shape[1:], out=volume[z_of[i]])
+        return _DONE
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(work, range(len(paths))))
+
+
+def _common_shape(images: list, expected: tuple[int, int] | None,
+                  folder: Path) -> tuple[int, int]:
+    shapes = Counter(expected if image is _DONE else image.shape
+                     for image in images if image is not None)
+    if not shapes:
+        raise TomogramError(f"no slice of {folder} could be decoded ({len(images)} files): the "
+                            f"folder holds no readable image")
+    return shapes.most_common(1)[0][0]
+
+
+def _volume_buffer(out: np.ndarray | None, depth: int, plane: tuple[int, int],
+                   folder: Path) -> np.ndarray:
+    if out is None:
+        return np.empty((depth,) + plane, dtype=np.uint8)
+    if (out.dtype != np.uint8 or out.ndim != 3 or out.shape[0] < depth
+            or out.shape[1:] != plane or not out.flags.c_contiguous):
+        raise ValueError(f"out must be a C-contiguous uint8 array of at least {(depth,) + plane} "
+                         f"to read {folder} (got {out.dtype} {out.shape})")
+    return out[:depth]

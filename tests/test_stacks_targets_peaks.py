@@ -88,3 +88,26 @@ def test_heatmap_target_decodes_back_to_motor():
 def test_nms_radius_voxels():
     assert nms_radius_voxels(600, 16, 4, 1) == (38, 10, 10)
     assert nms_radius_voxels(10, 16, 4, 2) == (1, 1, 1)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_separable_filter_equals_dense_max_pool(seed):
+    """find_peaks (separable max filter) finds the same peaks as a dense max_pool3d."""
+    import torch.nn.functional as F
+
+    heat = torch.rand(20, 24, 28, generator=torch.Generator().manual_seed(seed)) ** 4
+    radius = (3, 2, 4)
+    pooled = F.max_pool3d(heat[None, None], tuple(2 * r + 1 for r in radius), stride=1,
+                          padding=radius)[0, 0]
+    dense = (heat == pooled).nonzero().numpy()
+    dense_scores = heat[heat == pooled].numpy()
+    order = np.argsort(-dense_scores, kind="stable")[:6]
+    got = find_peaks(heat, radius, top_k=6)
+    np.testing.assert_array_equal(got[:, :3], dense[order])
+    np.testing.assert_allclose(got[:, 3], dense_scores[order])
+
+
+def test_flat_heatmap_is_cheap_and_gives_one_peak():
+    heat = torch.full((200, 100, 100), 0.25)
+    peaks = find_peaks(heat, (5, 5, 5), top_k=3)
+    assert len(peaks) >= 1 and peaks[0, 3] == pytest.approx(0.25)

@@ -92,3 +92,22 @@ def test_nothing_decodable(tmp_path):
     (tmp_path / "slice_0000.jpg").write_bytes(b"")
     with pytest.raises(TomogramError, match="could be decoded"):
         read_tomogram(tmp_path)
+
+
+def test_truncated_jpeg_is_replaced_not_half_decoded(tmp_path):
+    volume = _volume(depth=5)
+    _write_volume(tmp_path, volume)
+    data = (tmp_path / "slice_0002.jpg").read_bytes()
+    (tmp_path / "slice_0002.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.warns(SliceWarning, match="1 unreadable"):
+        read = read_tomogram(tmp_path)
+    np.testing.assert_array_equal(read[2], read[1])  # the neighbour, not a half-grey slice
+
+
+def test_16bit_png_with_8bit_values_keeps_them(tmp_path):
+    volume = _volume(depth=3)
+    _write_volume(tmp_path, volume, ".png")
+    cv2.imwrite(str(tmp_path / "slice_0001.png"), volume[1].astype(np.uint16))
+    cv2.imwrite(str(tmp_path / "slice_0002.png"), volume[2].astype(np.uint16) * 257)
+    read = read_tomogram(tmp_path)
+    np.testing.assert_array_equal(read, volume)

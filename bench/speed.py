@@ -1,0 +1,700 @@
+"""Speed benchmark: each inference stage of one real-size tomogram against a baseline decode.
+
+Builds real-size tomogram folders of JPEG slices (the synthetic generator's fast mode) and times,
+in one run and for each target spacing:
+
+- baseline decode: ``cv2.imread`` of every slice at full resolution, one thread, in order;
+- our reader: threads, reduced-resolution JPEG decode when the spacing allows, and the in-plane
+  resize done in the reader threads;
+- the z resize (in place) and the percentile normalisation (``np.percentile`` per volume and per
+  slice vs our histogram + look-up table), and the plain pre-streaming path for comparison;
+- 2.5D stack gathering, the float model input, the model forward (CPU here, extrapolated from
+  the first batches unless ``--forward-stacks 0``), and one real end-to-end tomogram;
+- peak decoding as it is (``peaks.find_peaks``: one dense 3D max-pool) and with a separable
+  ``cv2.dilate`` max filter (identical peaks, checked here) proposed for ``kernel_lib/peaks.py``;
+- peak memory (RSS) of the whole inference of one tomogram, in a fresh subprocess.
+
+Every time is also reported as a ratio to the baseline decode of the same slices measured in the
+same repeat (medians over repeats): the machine is shared and its load varies. CPU seconds
+(``time.process_time``) are reported beside wall seconds for the same reason. A section with the
+machine, date, command, tables and the verdict on each target is appended to ``bench/RESULTS.md``.
+
+Usage:
+    .venv/bin/python bench/speed.py [--depth 300 800] [--sizes 928x960] \\
+        [--target-spacing 16 32] [--repeats 3] [--out-md bench/RESULTS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn as nn
+
+import kernel_lib.peaks
+from kernel_lib.config import PipelineConfig
+from kernel_lib.infer import Predictor, decode_peaks, model_input
+from kernel_lib.model import build_model, pad_to_multiple
+from kernel_lib.normalize import normalize, percentile_bounds
+from kernel_lib.preprocess import preprocess_tomogram
+from kernel_lib.resample import resample_to_spacing, resize_depth_inplace, target_shape
+from kernel_lib.stacks import iter_stack_batches, stack_offsets
+from kernel_lib.synthetic import render_tomogram, write_tomogram
+from kernel_lib.tomogram import (choose_reduction, list_slices, read_tomogram, reduced_size,
+                                 stored_slice_shape)
+
+ROOT = Path(__file__).resolve().parent
+
+GIB = 1024 ** 3
+TARGET_NON_MODEL = 0.5  # x baseline decode, at the default target spacing
+TARGET_END_TO_END = 3.0  # x baseline decode, CPU, default model, 300 slices
+TARGET_RSS_GIB = 2.0  # one 800-slice tomogram
+N_TEST_TOMOGRAMS = 900
+GPU_GOAL_MINUTES = 30.0
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+def timed(fn, *args, **kwargs) -> tuple[float, float, object]:
+    """``(wall seconds, CPU seconds of this process, result)`` of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = fn(*args, **kwargs)
+    return time.perf_counter() - wall, time.process_time() - cpu, result
+
+
+def ensure_tomogram(work: Path, depth: int, height: int, width: int, quality: int,
+                    spacing: float) -> Path:
+    """A real-size folder of JPEG slices (generated once, reused while its marker matches)."""
+    folder = work / f"tomo_{depth}x{height}x{width}_q{quality}"
+    marker = folder / "bench.json"
+    spec = {"depth": depth, "height": height, "width": width, "quality": quality,
+            "spacing": spacing}
+    if marker.is_file() and json.loads(marker.read_text()) == spec:
+        return folder
+    rng = np.random.default_rng(depth * 7 + height)
+    started = time.perf_counter()
+    volume = render_tomogram((depth, height, width), spacing,
+                             [(depth // 2, height // 2, width // 3)], rng, fast=True)
+    for old in folder.glob("slice_*.jpg"):
+        old.unlink()
+    write_tomogram(volume, folder, quality)
+    marker.write_text(json.dumps(spec))
+    print(f"generated {folder} in {time.perf_counter() - started:.1f} s", flush=True)
+    return folder
+
+
+def machine_line() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{platform.node() or 'unknown'}: {os.cpu_count()} CPU cores ({cpu}), {gpu}, "
+            f"Python {platform.python_version()}, torch {torch.__version__}, "
+            f"OpenCV {cv2.__version__}, numpy {np.__version__}")
+
+
+def load_line() -> str:
+    one, five, _ = os.getloadavg()
+    return f"{one:.1f} (1 min) / {five:.1f} (5 min) on {os.cpu_count()} cores"
+
+
+def default_model(cfg: PipelineConfig) -> nn.Module:
+    """The default architecture, randomly initialised, with a random head: the zero-initialised
+    head of an untrained model gives a constant heatmap, i.e. one plateau of millions of equal
+    "peaks", which no trained model produces and which would dominate peak decoding."""
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    nn.init.normal_(model.head.weight, std=0.05)
+    return model
+
+
+class FirstBatchesOnly(nn.Module):
+    """Runs the real model on the first ``n`` batches and returns fixed random logits of the
+    right shape after: the memory of a whole tomogram's inference without its CPU forward time
+    (``n = 0``: no activations on the host at all, as when the model runs on a GPU)."""
+
+    def __init__(self, model: nn.Module, n: int) -> None:
+        super().__init__()
+        self.model, self.n, self.calls = model, n, 0
+        self.input_multiple = model.input_multiple
+        self.output_stride = model.output_stride
+        self.generator = torch.Generator().manual_seed(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls <= self.n:
+            return self.model(x)
+        s = self.output_stride
+        shape = (x.shape[0], 1, x.shape[2] // s, x.shape[3] // s)
+        return torch.randn(shape, generator=self.generator) - 4.0
+
+
+def max_filter3d(heat: np.ndarray, radius: tuple[int, int, int]) -> np.ndarray:
+    """Maximum over a ``(2 rz + 1, 2 ry + 1, 2 rx + 1)`` box around every voxel, ignoring the
+    outside: what ``F.max_pool3d(stride=1, padding=radius)`` computes, but separable (in-plane
+    ``cv2.dilate`` per slice, then along z on the ``(z, y*x)`` matrix): O(rz + ry + rx) work per
+    voxel instead of O(rz ry rx)."""
+    rz, ry, rx = radius
+    heat = np.ascontiguousarray(heat, dtype=np.float32)
+    out = np.empty_like(heat)
+    plane_kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (2 * rx + 1, 2 * ry + 1))
+    for z in range(heat.shape[0]):
+        cv2.dilate(heat[z], plane_kernel, dst=out[z])
+    flat = out.reshape(heat.shape[0], -1)
+    depth_kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (1, 2 * rz + 1))
+    for start in range(0, flat.shape[1], 32000):  # cv2 matrices stay well inside int limits
+        chunk = np.ascontiguousarray(flat[:, start:start + 32000])
+        flat[:, start:start + chunk.shape[1]] = cv2.dilate(chunk, depth_kernel)
+    return out
+
+
+def _separable_max_pool3d(x: torch.Tensor, kernel_size, stride=1, padding=0) -> torch.Tensor:
+    radius = tuple(int(p) for p in padding)
+    assert tuple(kernel_size) == tuple(2 * r + 1 for r in radius) and stride == 1
+    pooled = max_filter3d(x[0, 0].detach().cpu().numpy(), radius)
+    return torch.from_numpy(pooled).to(x.device)[None, None]
+
+
+@contextlib.contextmanager
+def proposed_peak_filter():
+    """Run ``kernel_lib.peaks.find_peaks`` with :func:`max_filter3d` in place of its dense
+    ``F.max_pool3d`` (everything else in it unchanged)."""
+    original = kernel_lib.peaks.F
+    kernel_lib.peaks.F = types.SimpleNamespace(max_pool3d=_separable_max_pool3d)
+    try:
+        yield
+    finally:
+        kernel_lib.peaks.F = original
+
+
+# --- one tomogram, one target spacing ------------------------------------------------------------
+
+@dataclass
+class Stage:
+    """Wall and CPU seconds of one stage over the repeats, with the baseline of each repeat."""
+
+    name: str
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+    base_wall: list[float] = field(default_factory=list)
+    base_cpu: list[float] = field(default_factory=list)
+    note: str = ""
+
+    def add(self, wall: float, cpu: float, base_wall: float, base_cpu: float) -> None:
+        self.wall.append(wall)
+        self.cpu.append(cpu)
+        self.base_wall.append(base_wall)
+        self.base_cpu.append(base_cpu)
+
+    @property
+    def seconds(self) -> float:
+        return statistics.median(self.wall)
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(w / b for w, b in zip(self.wall, self.base_wall))
+
+    @property
+    def cpu_ratio(self) -> float:
+        return statistics.median(c / b for c, b in zip(self.cpu, self.base_cpu))
+
+
+def bench_one(folder: Path, target: float, args: argparse.Namespace) -> dict:
+    """All stages of one tomogram at one target spacing; ratios against the baseline decode."""
+    cfg = PipelineConfig(target_spacing=target, assumed_test_spacing=args.source_spacing)
+    paths = list_slices(folder)
+    spacing = args.source_spacing
+    reduction = choose_reduction(spacing, target)
+    stored = stored_slice_shape(paths)
+    decoded = (len(paths),) + reduced_size(stored, reduction)
+    decoded_spacing = (spacing, spacing * reduction, spacing * reduction)
+    shape = target_shape(decoded, decoded_spacing, target)
+    predictor = Predictor([default_model(cfg)], cfg, "cpu", batch_size=args.batch_size)
+    offsets = stack_offsets(cfg.stack_half, cfg.stack_step_slices)
+    n_stacks = math.ceil(shape[0] / cfg.z_stride)
+    names = ["baseline decode", "reader (threads, in-plane resize)",
+             "reader, decode only (no resize)", "z resize (in place)",
+             "np.percentile, volume", "np.percentile, per slice", "histogram percentiles",
+             "look-up table (in place)", "preprocess total (streaming)",
+             "preprocess, plain path (before)", "stack gathering (uint8)",
+             "float input + padding (on the GPU there)", "model forward",
+             "peak decoding, find_peaks as is", "peak decoding, separable filter (proposed)"]
+    stages = {name: Stage(name) for name in names}
+    heat_shape = (n_stacks, math.ceil(shape[1] / cfg.output_stride),
+                  math.ceil(shape[2] / cfg.output_stride))
+    # A smooth stand-in heatmap with many local maxima (a trained model's is smoother).
+    plane = cv2.GaussianBlur(np.random.default_rng(0).random(heat_shape[1:], np.float32),
+                             (0, 0), 3)
+    heat = torch.from_numpy(plane[None] * np.linspace(0.5, 1.0, heat_shape[0],
+                                                      dtype=np.float32)[:, None, None])
+    forward_stacks = min(n_stacks, args.forward_stacks or n_stacks)
+    predictor.heatmap(np.zeros((cfg.z_stride,) + shape[1:], np.uint8))  # warm-up
+    for repeat in range(args.repeats):
+        base_wall, base_cpu, _ = timed(
+            lambda: [cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in paths])
+
+        def add(name: str, wall: float, cpu: float) -> None:
+            stages[name].add(wall, cpu, base_wall, base_cpu)
+
+        add("baseline decode", base_wall, base_cpu)
+        buffer = np.empty((max(decoded[0], shape[0]),) + shape[1:], np.uint8)
+        wall, cpu, _ = timed(read_tomogram, folder, reduction, plane_shape=shape[1:], out=buffer)
+        add("reader (threads, in-plane resize)", wall, cpu)
+        read_copy = buffer.copy()
+        wall, cpu, _ = timed(read_tomogram, folder, reduction)
+        add("reader, decode only (no resize)", wall, cpu)
+        wall, cpu, volume = timed(resize_depth_inplace, buffer, decoded[0], shape[0])
+        add("z resize (in place)", wall, cpu)
+        wall, cpu, _ = timed(np.percentile, volume, (cfg.percentile_low, cfg.percentile_high))
+        add("np.percentile, volume", wall, cpu)
+        if repeat == 0 or not args.fast_percentile:
+            wall, cpu, _ = timed(lambda: [np.percentile(p, (2, 98)) for p in volume])
+            add("np.percentile, per slice", wall, cpu)
+        wall, cpu, _ = timed(percentile_bounds, volume, cfg.percentile_low, cfg.percentile_high)
+        add("histogram percentiles", wall, cpu)
+        wall, cpu, _ = timed(normalize, volume, cfg.percentile_low, cfg.percentile_high,
+                             out="uint8", overwrite=True)
+        add("look-up table (in place)", wall, cpu)
+        del buffer, volume, read_copy
+        wall, cpu, prep = timed(preprocess_tomogram, folder, spacing, cfg)
+        add("preprocess total (streaming)", wall, cpu)
+        if repeat == 0 or not args.skip_plain_repeats:
+            wall, cpu, _ = timed(plain_preprocess, folder, spacing, cfg)
+            add("preprocess, plain path (before)", wall, cpu)
+        wall, cpu, _ = timed(gather_stacks, prep.volume, offsets, cfg, predictor, False)
+        add("stack gathering (uint8)", wall, cpu)
+        wall_f, cpu_f, _ = timed(gather_stacks, prep.volume, offsets, cfg, predictor, True)
+        add("float input + padding (on the GPU there)", max(0.0, wall_f - wall),
+            max(0.0, cpu_f - cpu))
+        part = prep.volume[:forward_stacks * cfg.z_stride]
+        wall, cpu, _ = timed(predictor.heatmap, part)
+        scale = n_stacks / forward_stacks
+        add("model forward", wall * scale, cpu * scale)
+        with proposed_peak_filter():
+            wall, cpu, fast_peaks = timed(decode_peaks, heat, cfg, prep.frame,
+                                          prep.original_shape)
+        add("peak decoding, separable filter (proposed)", wall, cpu)
+        if repeat == 0:  # minutes at 16 A: once is enough
+            wall, cpu, peaks = timed(decode_peaks, heat, cfg, prep.frame, prep.original_shape)
+            add("peak decoding, find_peaks as is", wall, cpu)
+            if not np.array_equal(peaks, fast_peaks):
+                raise AssertionError(f"the separable filter changed the peaks: {peaks} vs "
+                                     f"{fast_peaks}")
+        del prep
+        print(f"  repeat {repeat + 1}/{args.repeats}: baseline {base_wall:.2f} s, "
+              f"preprocess {stages['preprocess total (streaming)'].wall[-1]:.2f} s, "
+              f"load {load_line()}", flush=True)
+    if forward_stacks < n_stacks:
+        stages["model forward"].note = (f"first {forward_stacks} of {n_stacks} stacks, "
+                                        f"extrapolated")
+    stages["peak decoding, find_peaks as is"].note = "timed once; same peaks as below"
+    stages["peak decoding, separable filter (proposed)"].note = "bench-side patch of peaks.py"
+    common = ["preprocess total (streaming)", "stack gathering (uint8)"]
+    result = {"folder": folder.name, "target": target, "reduction": reduction,
+              "model_shape": shape, "n_stacks": n_stacks, "stages": stages,
+              "base_seconds": stages["baseline decode"].seconds}
+    for key, peaks in (("as_is", "peak decoding, find_peaks as is"),
+                       ("proposed", "peak decoding, separable filter (proposed)")):
+        names = common + [peaks]
+        result[f"non_model_ratio_{key}"] = sum(stages[n].ratio for n in names)
+        result[f"non_model_cpu_ratio_{key}"] = sum(stages[n].cpu_ratio for n in names)
+        result[f"non_model_seconds_{key}"] = sum(stages[n].seconds for n in names)
+    result["end_to_end_estimate_ratio"] = (result["non_model_ratio_as_is"]
+                                           + stages["float input + padding (on the GPU there)"]
+                                           .ratio + stages["model forward"].ratio)
+    return result
+
+
+def plain_preprocess(folder: Path, spacing: float, cfg: PipelineConfig) -> np.ndarray:
+    """The pre-streaming path: read the whole volume, resample, normalise into a new array."""
+    reduction = choose_reduction(spacing, cfg.target_spacing)
+    raw = read_tomogram(folder, reduction)
+    volume, _ = resample_to_spacing(raw, (spacing, spacing * reduction, spacing * reduction),
+                                    cfg.target_spacing)
+    del raw
+    return normalize(volume, cfg.percentile_low, cfg.percentile_high, out="uint8")
+
+
+def gather_stacks(volume: np.ndarray, offsets: np.ndarray, cfg: PipelineConfig,
+                  predictor: Predictor, as_float: bool) -> None:
+    """The data path between the volume and the model: batches of ``uint8`` stacks in the
+    channels-last layout, and (``as_float``) the padded float input made from them."""
+    for _, stacks in iter_stack_batches(volume, offsets, predictor.batch_size, cfg.z_stride):
+        x = torch.from_numpy(stacks).contiguous(memory_format=torch.channels_last)
+        if as_float:
+            pad_to_multiple(model_input(x), predictor.multiple)
+
+
+def end_to_end(folder: Path, target: float, args: argparse.Namespace) -> tuple[float, float]:
+    """One real tomogram through preprocess -> full forward -> peaks, with a baseline decode
+    right before it: ``(seconds, ratio)``."""
+    cfg = PipelineConfig(target_spacing=target, assumed_test_spacing=args.source_spacing)
+    predictor = Predictor([default_model(cfg)], cfg, "cpu", batch_size=args.batch_size)
+    predictor.heatmap(np.zeros((cfg.z_stride, 64, 64), np.uint8))
+    paths = list_slices(folder)
+    base, _, _ = timed(lambda: [cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in paths])
+
+    def run() -> None:
+        prep = preprocess_tomogram(folder, args.source_spacing, cfg)
+        heat = predictor.heatmap(prep.volume)
+        decode_peaks(heat, cfg, prep.frame, prep.original_shape)
+
+    wall, _, _ = timed(run)
+    return wall, wall / base
+
+
+def accelerator_throughput(folder: Path, target: float, args: argparse.Namespace) -> list[str]:
+    """Tomograms per second on the accelerator: fp16 autocast, channels_last, a batch size sweep,
+    then a real ``run_inference`` over copies of the tomogram with the reader thread prefetching
+    the next one while the model runs. Returns report lines."""
+    from kernel_lib.infer import run_inference
+    from kernel_lib.model import save_checkpoint
+
+    device = args.accelerator
+    cfg = PipelineConfig(target_spacing=target, assumed_test_spacing=args.source_spacing)
+    model = default_model(cfg)
+    prep_wall, _, prep = timed(preprocess_tomogram, folder, args.source_spacing, cfg)
+    lines = [f"#### Accelerator ({device}): {folder.name} at {target:g} A", "",
+             "| batch | forward seconds per tomogram | stacks per second |", "|---:|---:|---:|"]
+    n_stacks = math.ceil(prep.volume.shape[0] / cfg.z_stride)
+    best = None
+    for batch in args.accelerator_batches:
+        predictor = Predictor([model], cfg, device, batch_size=batch, amp=True)
+        predictor.heatmap(prep.volume[:batch * cfg.z_stride])  # warm-up (kernels, autotune)
+        _sync(device)
+        wall, _, heat = timed(predictor.heatmap, prep.volume)
+        _sync(device)
+        lines.append(f"| {batch} | {wall:.3f} | {n_stacks / wall:.1f} |")
+        if best is None or wall < best[1]:
+            best = (batch, wall)
+    with proposed_peak_filter():
+        peaks_wall, _, _ = timed(decode_peaks, heat, cfg, prep.frame, prep.original_shape)
+    peaks_as_is, _, _ = timed(decode_peaks, heat, cfg, prep.frame, prep.original_shape)
+    root = args.work / f"accelerator_{folder.name}"
+    run_dir = root / "run"
+    save_checkpoint(model, cfg, run_dir)
+    (root / "test").mkdir(parents=True, exist_ok=True)
+    ids = [f"copy_{i:02d}" for i in range(args.accelerator_copies)]
+    for tomo_id in ids:
+        link = root / "test" / tomo_id
+        if not link.exists():
+            link.symlink_to(folder.resolve(), target_is_directory=True)
+    (root / "sample_submission.csv").write_text(
+        "tomo_id,Motor axis 0,Motor axis 1,Motor axis 2\n"
+        + "".join(f"{tomo_id},-1,-1,-1\n" for tomo_id in ids))
+    run_inference(root, [run_dir], device=device, batch_size=best[0], progress=False,
+                  out=None)  # warm-up
+    wall, _, _ = timed(run_inference, root, [run_dir], device=device, batch_size=best[0],
+                       progress=False, out=None, prefetch=1)
+    per_tomogram = wall / len(ids)
+    lines += ["", f"- Best batch {best[0]}: forward {best[1]:.2f} s, preprocessing "
+              f"{prep_wall:.2f} s (CPU), peak decoding {peaks_as_is:.2f} s as is / "
+              f"{peaks_wall:.3f} s with the proposed filter.",
+              f"- `run_inference` over {len(ids)} copies with the prefetching reader: "
+              f"{per_tomogram:.2f} s per tomogram = {1 / per_tomogram:.2f} tomograms/s; "
+              f"projected {N_TEST_TOMOGRAMS} tomograms of this size: "
+              f"{N_TEST_TOMOGRAMS * per_tomogram / 60:.1f} min (goal < {GPU_GOAL_MINUTES:g} min "
+              f"on a T4).", ""]
+    return lines
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+# --- peak memory in a fresh process -----------------------------------------------------------
+
+def rss_child(folder: Path, target: float, mode: str, batch_size: int, real_batches: int,
+              spacing: float) -> dict:
+    """Peak RSS of one tomogram's whole inference (run as ``--_rss-child``)."""
+    cfg = PipelineConfig(target_spacing=target, assumed_test_spacing=spacing)
+    model = FirstBatchesOnly(default_model(cfg), real_batches)
+    predictor = Predictor([model], cfg, "cpu", batch_size=batch_size)
+    before = vm_hwm()
+    if mode == "stream":
+        prep = preprocess_tomogram(folder, spacing, cfg)
+        volume, frame, shape = prep.volume, prep.frame, prep.original_shape
+    else:
+        reduction = choose_reduction(spacing, target)
+        raw = read_tomogram(folder, reduction)
+        shape = raw.shape
+        volume, frame = resample_to_spacing(raw, (spacing, spacing * reduction,
+                                                  spacing * reduction), target)
+        del raw
+        volume = normalize(volume, cfg.percentile_low, cfg.percentile_high, out="uint8")
+    after_prep = vm_hwm()
+    heat = predictor.heatmap(volume)
+    with proposed_peak_filter():  # same peaks and buffers, minutes faster at 16 A
+        decode_peaks(heat, cfg, frame, shape)
+    return {"before": before, "after_preprocess": after_prep, "peak": vm_hwm(),
+            "volume_bytes": int(volume.nbytes)}
+
+
+def vm_hwm() -> int:
+    """Peak resident set size of this process so far, in bytes (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measure_rss(folder: Path, target: float, mode: str, batch_size: int, real_batches: int,
+                source_spacing: float) -> dict:
+    """Run :func:`rss_child` in a fresh interpreter and return its numbers."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--_rss-child", str(folder),
+               str(target), mode, str(batch_size), str(real_batches), str(source_spacing)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"RSS child failed ({done.returncode}): {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# --- report ----------------------------------------------------------------------------------
+
+def stage_table(result: dict) -> list[str]:
+    lines = [f"#### {result['folder']} at {result['target']:g} A "
+             f"(JPEG decode 1/{result['reduction']}, model volume "
+             f"{'x'.join(map(str, result['model_shape']))}, {result['n_stacks']} stacks)", "",
+             "| stage | seconds (wall, median) | x baseline (wall) | x baseline (CPU) | note |",
+             "|---|---:|---:|---:|---|"]
+    for stage in result["stages"].values():
+        if not stage.wall:
+            continue
+        lines.append(f"| {stage.name} | {stage.seconds:.3f} | {stage.ratio:.3f} | "
+                     f"{stage.cpu_ratio:.3f} | {stage.note} |")
+    for key, label in (("as_is", "peaks as is"), ("proposed", "proposed peak filter")):
+        lines.append(f"| **non-model total** (preprocess + stacks + {label}) | "
+                     f"{result['non_model_seconds_' + key]:.3f} | "
+                     f"**{result['non_model_ratio_' + key]:.3f}** | "
+                     f"{result['non_model_cpu_ratio_' + key]:.3f} | "
+                     f"target <= {TARGET_NON_MODEL} |")
+    lines.append(f"| end to end, estimated (non-model + forward) | | "
+                 f"{result['end_to_end_estimate_ratio']:.2f} | | |")
+    return lines + [""]
+
+
+def verdicts(results: list[dict], e2e: dict, rss: dict, args: argparse.Namespace) -> list[str]:
+    lines = ["#### Targets", ""]
+    default = PipelineConfig().target_spacing
+    for result in results:
+        stages = result["stages"]
+        read = stages["reader (threads, in-plane resize)"].ratio
+        decode_only = stages["reader, decode only (no resize)"].ratio
+        as_is, proposed = result["non_model_ratio_as_is"], result["non_model_ratio_proposed"]
+        peaks_as_is = stages["peak decoding, find_peaks as is"].ratio
+        peaks_proposed = stages["peak decoding, separable filter (proposed)"].ratio
+        normalise = (stages["histogram percentiles"].ratio
+                     + stages["look-up table (in place)"].ratio)
+        lines.append(
+            f"- Non-model path at {result['target']:g} A ({result['folder']}"
+            f"{', the default spacing' if result['target'] == default else ''}): "
+            f"{as_is:.2f}x baseline as is -> {'MET' if as_is <= TARGET_NON_MODEL else 'NOT MET'}"
+            f"; {proposed:.2f}x with the proposed peak filter -> "
+            f"{'MET' if proposed <= TARGET_NON_MODEL else 'NOT MET'} (target "
+            f"{TARGET_NON_MODEL}x). Peak decoding as is: {peaks_as_is:.2f}x, proposed "
+            f"{peaks_proposed:.3f}x. The threaded reader alone is {read:.2f}x (decode without "
+            f"the resize {decode_only:.2f}x), the z resize "
+            f"{stages['z resize (in place)'].ratio:.2f}x, the histogram + look-up table "
+            f"{normalise:.2f}x (np.percentile alone: "
+            f"{stages['np.percentile, volume'].ratio:.2f}x per volume); "
+            f"the plain path it replaces was "
+            f"{stages['preprocess, plain path (before)'].ratio:.2f}x.")
+    for key, (seconds, ratio, forward_share, peaks_share) in e2e.items():
+        lines.append(f"- End to end on CPU, {key}: {seconds:.1f} s = {ratio:.1f}x baseline -> "
+                     f"{'MET' if ratio <= TARGET_END_TO_END else 'NOT MET'} (target "
+                     f"{TARGET_END_TO_END}x). The model forward is about {forward_share:.0%} "
+                     f"of it and peak decoding as is about {peaks_share:.0%} (timed separately "
+                     f"above).")
+    for key, value in rss.items():
+        peak = value["peak"] / GIB
+        lines.append(
+            f"- Peak RSS, {key}: {peak:.2f} GiB (imports + model {value['before'] / GIB:.2f} "
+            f"GiB, after preprocessing {value['after_preprocess'] / GIB:.2f} GiB, model volume "
+            f"{value['volume_bytes'] / GIB:.2f} GiB) -> "
+            f"{'MET' if peak < TARGET_RSS_GIB else 'NOT MET'} (target < {TARGET_RSS_GIB} GiB"
+            f"{'' if 'stream' in key else '; the plain pre-streaming path, for comparison'}).")
+    if args.accelerator and args.accelerator != "cpu":
+        lines.append(f"- GPU ({args.accelerator}): see the accelerator tables above. "
+                     f"torch.compile (`--compile`) was not part of this run.")
+    else:
+        lines.append(
+            f"- GPU throughput (fp16 autocast, channels_last, tuned batch, prefetching reader "
+            f"thread): NOT MEASURED, no GPU on this machine. The code path exists "
+            f"(`Predictor(channels_last=True)`, `run_inference(prefetch=1)`); the goal is "
+            f"{N_TEST_TOMOGRAMS} tomograms in under {GPU_GOAL_MINUTES:g} min on a T4, i.e. "
+            f"{GPU_GOAL_MINUTES * 60 / N_TEST_TOMOGRAMS:.1f} s per tomogram, which the data "
+            f"path above must also meet on Kaggle's 4 CPU cores.")
+        lines.append("- torch.compile: behind `--compile` / `compile_model=True`, default off, "
+                     "UNMEASURED (no GPU here).")
+    return lines + [""]
+
+
+def write_section(path: Path, body: list[str]) -> None:
+    """Append a section, re-reading the file right before (another benchmark may append)."""
+    existing = path.read_text() if path.is_file() else "# Benchmark results\n"
+    if not existing.endswith("\n"):
+        existing += "\n"
+    path.write_text(existing + "\n" + "\n".join(body) + "\n")
+
+
+# --- main ------------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--depth", type=int, nargs="+", default=[300, 800],
+                        help="slices per benchmark tomogram")
+    parser.add_argument("--sizes", nargs="+", default=["928x960"],
+                        help="slice sizes HEIGHTxWIDTH")
+    parser.add_argument("--target-spacing", type=float, nargs="+", default=[16.0, 32.0])
+    parser.add_argument("--source-spacing", type=float, default=15.6,
+                        help="angstroms per original voxel (the real median)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--jpeg-quality", type=int, default=82,
+                        help="the middle of the generator's real-looking 70-95 range")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--forward-stacks", type=int, default=8,
+                        help="stacks timed per repeat and extrapolated (0: all)")
+    parser.add_argument("--e2e-depth", type=int, default=300,
+                        help="depth of the one full end-to-end run per spacing (0: skip)")
+    parser.add_argument("--e2e-targets", type=float, nargs="+", default=None,
+                        help="target spacings of the end-to-end runs (default: all)")
+    parser.add_argument("--rss-depth", type=int, default=None,
+                        help="depth of the RSS measurement (default: the largest --depth)")
+    parser.add_argument("--rss-real-batches", type=int, default=2,
+                        help="batches really forwarded in the RSS run (the rest return zeros)")
+    parser.add_argument("--accelerator", default="cuda" if torch.cuda.is_available() else None,
+                        help="device for the throughput section (default: CUDA when present; "
+                             "'cpu' smoke-tests it on small --sizes)")
+    parser.add_argument("--accelerator-batches", type=int, nargs="+", default=[4, 8, 16, 32])
+    parser.add_argument("--accelerator-copies", type=int, default=8,
+                        help="tomograms in the overlapped run_inference measurement")
+    parser.add_argument("--skip-plain-repeats", action="store_true",
+                        help="time the plain path once only")
+    parser.add_argument("--fast-percentile", action="store_true",
+                        help="time np.percentile per slice once only")
+    parser.add_argument("--work", type=Path, default=ROOT / "_work" / "speed")
+    parser.add_argument("--out-md", type=Path, default=ROOT / "RESULTS.md")
+    parser.add_argument("--no-write", action="store_true", help="print, don't append")
+    parser.add_argument("--_rss-child", nargs=6, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.batch_size < 1 or args.forward_stacks < 0:
+        parser.error("--repeats and --batch-size must be >= 1, --forward-stacks >= 0")
+    try:
+        args.sizes = [tuple(int(n) for n in s.lower().split("x")) for s in args.sizes]
+    except ValueError:
+        parser.error(f"--sizes must look like 928x960 (got {args.sizes})")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args._rss_child:
+        folder, target, mode, batch, real, spacing = args._rss_child
+        print(json.dumps(rss_child(Path(folder), float(target), mode, int(batch), int(real),
+                                   float(spacing))))
+        return 0
+    torch.set_grad_enabled(False)
+    started = time.perf_counter()
+    load_start = load_line()
+    folders = {(d, h, w): ensure_tomogram(args.work, d, h, w, args.jpeg_quality,
+                                          args.source_spacing)
+               for d in args.depth for h, w in args.sizes}
+    results = []
+    for (depth, h, w), folder in folders.items():
+        for target in args.target_spacing:
+            print(f"{folder.name} at {target:g} A", flush=True)
+            results.append(bench_one(folder, target, args))
+    e2e = {}
+    if args.e2e_depth:
+        for (depth, h, w), folder in folders.items():
+            if depth != args.e2e_depth:
+                continue
+            for target in args.e2e_targets or args.target_spacing:
+                print(f"end to end {folder.name} at {target:g} A", flush=True)
+                seconds, ratio = end_to_end(folder, target, args)
+                match = next(r for r in results if r["folder"] == folder.name
+                             and r["target"] == target)
+                forward = match["stages"]["model forward"].seconds
+                peaks = match["stages"]["peak decoding, find_peaks as is"].seconds
+                e2e[f"{folder.name} at {target:g} A"] = (seconds, ratio,
+                                                         min(1.0, forward / seconds),
+                                                         min(1.0, peaks / seconds))
+    rss = {}
+    rss_depth = args.rss_depth or max(args.depth)
+    default = PipelineConfig().target_spacing
+    for (depth, h, w), folder in folders.items():
+        if depth != rss_depth:
+            continue
+        for target in args.target_spacing:
+            runs = [("stream", args.batch_size, args.rss_real_batches)]
+            if target == default:
+                runs += [("stream", 2, args.rss_real_batches), ("stream", args.batch_size, 0),
+                         ("plain", args.batch_size, 0)]
+            for mode, batch, real in runs:
+                label = (f"{folder.name} at {target:g} A, {mode} path, "
+                         + (f"CPU forward at batch {batch}" if real else
+                            "data path only (model activations off the host, as on a GPU)"))
+                print(f"peak RSS: {label}", flush=True)
+                rss[label] = measure_rss(folder, target, mode, batch, real, args.source_spacing)
+    accelerator = []
+    if args.accelerator:
+        for (depth, h, w), folder in folders.items():
+            for target in args.target_spacing:
+                print(f"accelerator throughput {folder.name} at {target:g} A", flush=True)
+                try:
+                    accelerator += accelerator_throughput(folder, target, args)
+                except Exception as exc:  # report it; the CPU numbers above still count
+                    accelerator += [f"- Accelerator run for {folder.name} at {target:g} A "
+                                    f"failed: {type(exc).__name__}: {exc}", ""]
+    command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "bench/speed.py"]
+                       + (sys.argv[1:] if argv is None else list(argv)))
+    body = [f"## Speed: data path, model forward and memory per tomogram "
+            f"({dt.date.today().isoformat()})", "",
+            f"- Machine: {machine_line()}",
+            f"- Load average: {load_start} at the start, {load_line()} at the end (shared "
+            f"machine: compare ratios, not seconds)",
+            f"- Command: `{command}` ({(time.perf_counter() - started) / 60:.1f} min)",
+            f"- Data: fast-mode synthetic JPEG slices, quality {args.jpeg_quality}, source "
+            f"spacing {args.source_spacing} A; default model ({PipelineConfig().encoder}, "
+            f"random init), batch {args.batch_size}, channels_last, CPU "
+            f"({torch.get_num_threads()} torch threads).",
+            f"- Baseline: `cv2.imread(path, IMREAD_GRAYSCALE)` of every slice, one thread, in "
+            f"order, timed in every repeat right before the stages it is compared with; ratios "
+            f"are medians over {args.repeats} repeats.", ""]
+    for result in results:
+        body += stage_table(result)
+    body += accelerator
+    body += verdicts(results, e2e, rss, args)
+    print("\n".join(body))
+    if not args.no_write:
+        write_section(args.out_md, body)
+        print(f"appended to {args.out_md}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,230 @@
+"""The fast inference data path gives the same results as the plain one.
+
+Streaming preprocessing (JPEG headers, in-plane resize in the reader threads, in-place z resize
+and normalisation), the cv2 histogram and look-up table, the background reader, and the
+channels-last model layout.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import warnings
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from kernel_lib.config import PipelineConfig
+from kernel_lib.infer import Predictor, TomogramPrefetcher
+from kernel_lib.model import build_model
+from kernel_lib.normalize import histogram_uint8, normalize
+from kernel_lib.preprocess import preprocess_tomogram
+from kernel_lib.resample import (decode_frame, resample_to_spacing, resize_depth_inplace,
+                                 resize_plane, resize_volume)
+from kernel_lib.tomogram import (ReadReport, SliceWarning, choose_reduction, jpeg_size,
+                                 list_slices, read_tomogram, reduced_size, stored_slice_shape)
+
+
+def _volume(depth=14, h=75, w=93, seed=0):
+    rng = np.random.default_rng(seed)
+    zz, yy, xx = np.meshgrid(np.arange(depth), np.arange(h), np.arange(w), indexing="ij")
+    smooth = 120 + 60 * np.sin(yy / 9.0) * np.cos(xx / 7.0) + 3 * zz
+    return (smooth + rng.normal(0, 12, (depth, h, w))).clip(0, 255).astype(np.uint8)
+
+
+def _write(folder, volume, ext=".jpg"):
+    folder.mkdir(parents=True, exist_ok=True)
+    for z, plane in enumerate(volume):
+        cv2.imwrite(str(folder / f"slice_{z:04d}{ext}"), plane)
+    return folder
+
+
+def _plain_preprocess(folder, spacing, cfg):
+    """The reference: read everything, resample, normalise (what the code did before)."""
+    reduction = choose_reduction(spacing, cfg.target_spacing)
+    raw = read_tomogram(folder, reduction=reduction)
+    volume, frame = resample_to_spacing(raw, (spacing, spacing * reduction,
+                                              spacing * reduction), cfg.target_spacing)
+    volume = normalize(volume, cfg.percentile_low, cfg.percentile_high,
+                       per_slice=cfg.normalize_per == "slice", out="uint8")
+    return volume, decode_frame(reduction).then(frame)
+
+
+# --- JPEG headers ---------------------------------------------------------------------------
+
+def test_jpeg_size_reads_the_header(tmp_path):
+    for shape in [(75, 93), (1, 1), (928, 960)]:
+        path = tmp_path / f"s{shape[0]}.jpg"
+        cv2.imwrite(str(path), np.zeros(shape, np.uint8))
+        assert jpeg_size(path) == shape
+    progressive = tmp_path / "progressive.jpg"
+    cv2.imwrite(str(progressive), np.zeros((33, 44), np.uint8), [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])
+    assert jpeg_size(progressive) == (33, 44)
+    cv2.imwrite(str(tmp_path / "a.png"), np.zeros((5, 6), np.uint8))
+    (tmp_path / "junk.jpg").write_bytes(b"\xff\xd8\xff\xe0\x00")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    assert jpeg_size(tmp_path / "a.png") is None
+    assert jpeg_size(tmp_path / "junk.jpg") is None
+    assert jpeg_size(tmp_path / "empty.jpg") is None
+    assert jpeg_size(tmp_path / "missing.jpg") is None
+
+
+@pytest.mark.parametrize("reduction", [1, 2, 4, 8])
+def test_reduced_decode_size_is_rounded_up(tmp_path, reduction):
+    folder = _write(tmp_path / "t", _volume(depth=2, h=75, w=93))
+    stored = stored_slice_shape(list_slices(folder))
+    assert stored == (75, 93)
+    assert read_tomogram(folder, reduction).shape[1:] == reduced_size(stored, reduction)
+
+
+# --- reading with an in-plane resize ---------------------------------------------------------
+
+@pytest.mark.parametrize("plane", [(60, 70), (75, 93), (90, 120)])
+@pytest.mark.parametrize("ext", [".jpg", ".png"])
+def test_read_with_plane_resize_equals_read_then_resize(tmp_path, plane, ext):
+    folder = _write(tmp_path / "t", _volume(), ext)
+    full = read_tomogram(folder)
+    expected = resize_volume(full, (full.shape[0],) + plane)
+    report = ReadReport(folder)
+    got = read_tomogram(folder, plane_shape=plane, report=report, workers=2)
+    np.testing.assert_array_equal(got, expected)
+    assert report.decoded_shape == (75, 93)
+
+
+def test_read_into_a_buffer_with_spare_slices(tmp_path):
+    folder = _write(tmp_path / "t", _volume())
+    buffer = np.full((20, 50, 60), 7, np.uint8)
+    got = read_tomogram(folder, plane_shape=(50, 60), out=buffer)
+    assert got.shape == (14, 50, 60) and np.shares_memory(got, buffer)
+    assert (buffer[14:] == 7).all()
+    with pytest.raises(ValueError, match="out must be"):
+        read_tomogram(folder, plane_shape=(50, 60), out=np.empty((10, 50, 60), np.uint8))
+
+
+def test_repairs_are_the_same_with_a_plane_resize(tmp_path):
+    volume = _volume()
+    folder = _write(tmp_path / "t", volume)
+    (folder / "slice_0003.jpg").write_bytes(b"not an image")
+    (folder / "slice_0007.jpg").unlink()
+    cv2.imwrite(str(folder / "slice_0005.jpg"), volume[5][:60, :80])
+    with pytest.warns(SliceWarning):
+        full = read_tomogram(folder)
+    with pytest.warns(SliceWarning):
+        got = read_tomogram(folder, plane_shape=(40, 50))
+    np.testing.assert_array_equal(got, resize_volume(full, (14, 40, 50)))
+
+
+# --- resampling in place -------------------------------------------------------------------
+
+@pytest.mark.parametrize("depth_out", [5, 13, 14, 23])
+def test_resize_depth_inplace_equals_resize_volume(depth_out):
+    volume = np.random.default_rng(1).integers(0, 256, (14, 150, 230), dtype=np.uint8)
+    expected = resize_volume(volume, (depth_out, 150, 230))  # 34500 columns: two cv2 chunks
+    buffer = np.zeros((max(14, depth_out), 150, 230), np.uint8)
+    buffer[:14] = volume
+    got = resize_depth_inplace(buffer, 14, depth_out)
+    np.testing.assert_array_equal(got, expected)
+    assert np.shares_memory(got, buffer)
+    with pytest.raises(ValueError, match="cannot hold"):
+        resize_depth_inplace(np.zeros((10, 4, 4), np.uint8), 10, 12)
+
+
+def test_resize_plane_writes_into_out():
+    image = np.random.default_rng(2).integers(0, 256, (75, 93), dtype=np.uint8)
+    out = np.empty((3, 40, 50), np.uint8)
+    resize_plane(image, (40, 50), out=out[1])
+    np.testing.assert_array_equal(out[1], cv2.resize(image, (50, 40),
+                                                     interpolation=cv2.INTER_AREA))
+
+
+# --- normalisation --------------------------------------------------------------------------
+
+def test_histogram_of_a_plane_beyond_float32_counts():
+    plane = np.zeros((4200, 4100), np.uint8)  # 17.2 M pixels of one value > 2**24
+    plane[0, :5] = 3
+    hist = histogram_uint8(plane)
+    assert hist[0] == plane.size - 5 and hist[3] == 5 and hist.dtype == np.int64
+
+
+@pytest.mark.parametrize("per_slice", [False, True])
+def test_normalize_overwrite_equals_a_new_array(per_slice):
+    volume = _volume()
+    expected = normalize(volume, per_slice=per_slice, out="uint8")
+    np.testing.assert_array_equal(expected, np.rint(normalize(
+        volume.astype(np.float32), per_slice=per_slice) * 255).astype(np.uint8))
+    work = volume.copy()
+    got = normalize(work, per_slice=per_slice, out="uint8", overwrite=True)
+    assert got is work
+    np.testing.assert_array_equal(got, expected)
+    strided = np.ascontiguousarray(np.repeat(volume, 2, axis=2))[:, :, ::2]  # a non-contiguous view
+    np.testing.assert_array_equal(normalize(strided, per_slice=per_slice, out="uint8"), expected)
+    with pytest.raises(ValueError, match="overwrite needs"):
+        normalize(volume, out="float", overwrite=True)
+
+
+# --- the whole preprocessing ----------------------------------------------------------------
+
+@pytest.mark.parametrize("spacing,target,per", [(15.6, 16.0, "volume"), (15.6, 32.0, "volume"),
+                                                (19.7, 16.0, "slice"), (6.5, 16.0, "volume")])
+def test_streaming_preprocess_is_identical_to_the_plain_path(tmp_path, spacing, target, per):
+    folder = _write(tmp_path / "t", _volume(depth=21, h=150, w=131))
+    cfg = PipelineConfig(target_spacing=target, normalize_per=per)
+    prep = preprocess_tomogram(folder, spacing, cfg)
+    volume, frame = _plain_preprocess(folder, spacing, cfg)
+    np.testing.assert_array_equal(prep.volume, volume)
+    assert prep.frame == frame and prep.original_shape == (21, 150, 131)
+
+
+def test_png_slices_take_the_plain_path(tmp_path):
+    folder = _write(tmp_path / "t", _volume(), ".png")
+    cfg = PipelineConfig(target_spacing=32.0)
+    prep = preprocess_tomogram(folder, 15.6, cfg)
+    volume, frame = _plain_preprocess(folder, 15.6, cfg)
+    np.testing.assert_array_equal(prep.volume, volume)
+    assert prep.frame == frame and prep.original_shape == (14, 75, 93)
+
+
+# --- background reading and layout ----------------------------------------------------------
+
+def test_prefetcher_keeps_order_passes_errors_and_bounds_memory(tmp_path, monkeypatch):
+    import kernel_lib.infer as infer
+
+    in_flight, peak, lock = [0], [0], threading.Lock()
+
+    def fake_preprocess(folder, spacing, cfg):
+        with lock:
+            in_flight[0] += 1
+            peak[0] = max(peak[0], in_flight[0])
+        time.sleep(0.01)
+        if folder.name == "bad":
+            raise ValueError("broken tomogram")
+        return folder.name
+
+    monkeypatch.setattr(infer, "preprocess_tomogram", fake_preprocess)
+    names = ["a", "b", "bad", "c", "d", "e"]
+    jobs = [(name, tmp_path / name, 15.6) for name in names]
+    reader = TomogramPrefetcher(jobs, PipelineConfig(), ahead=1)
+    seen = []
+    for tomo_id, prep, error, _ in reader:
+        time.sleep(0.03)  # the model is slower than the reader: it must wait, not pile up
+        seen.append((tomo_id, prep, type(error).__name__ if error else None))
+        with lock:
+            in_flight[0] -= 1
+    reader.close()
+    assert [s[0] for s in seen] == names
+    assert seen[2] == ("bad", None, "ValueError") and seen[0][1] == "a"
+    assert peak[0] <= 2  # the one being predicted + one read ahead
+
+
+def test_channels_last_predictor_matches_contiguous():
+    torch.manual_seed(0)
+    cfg = PipelineConfig(assumed_test_spacing=15.6)
+    model = build_model(cfg)
+    torch.nn.init.normal_(model.head.weight, std=0.1)  # the zero-initialised head hides layout
+    volume = np.random.default_rng(3).integers(0, 256, (6, 70, 90), dtype=np.uint8)
+    heat_cl = Predictor([model], cfg, channels_last=True).heatmap(volume)
+    heat = Predictor([model], cfg, channels_last=False).heatmap(volume)
+    assert heat.std() > 0
+    torch.testing.assert_close(heat_cl, heat, atol=1e-4, rtol=1e-4)
