@@ -12,8 +12,9 @@
    ``runs/<timestamp>/model/`` and the submission as ``runs/<timestamp>/submission.csv``, and
    prints the F2 of that submission against the synthetic answer key (``test_labels.csv``).
 
-The defaults fit in about ten minutes on a 2-core CPU; ``--quick`` runs everything tiny (a
-smoke test, F2 meaningless).
+The defaults take 6-7 minutes on a 2-core CPU, the first time included (about a minute of data
+generation; training is capped by ``--max-minutes``); ``--quick`` runs everything tiny in about
+a minute (a smoke test, F2 meaningless).
 
 Example:
     >>> build_parser().parse_args(["--quick"]).quick
@@ -58,7 +59,7 @@ class Budget:
 # are 16 A and every 2nd slice). A BCE positive weight of 2 instead of 10 keeps the peak scores
 # of a few hundred steps from saturating near 1, so the threshold can separate tomograms.
 DEFAULT = Budget(n_train=nb.LOCAL_SYNTHETIC["n_train"], n_test=nb.LOCAL_SYNTHETIC["n_test"],
-                 epochs=6, steps_per_epoch=150, batch_size=8, crop=96, max_minutes=5.5,
+                 epochs=6, steps_per_epoch=150, batch_size=8, crop=96, max_minutes=6.0,
                  n_folds=5, target_spacing=32.0, z_stride=4, pos_weight=2.0)
 QUICK = Budget(n_train=6, n_test=2, epochs=1, steps_per_epoch=2, batch_size=2, crop=64,
                max_minutes=1.0, n_folds=2, target_spacing=32.0, z_stride=4, pos_weight=2.0)
@@ -91,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"training wall-time cap in minutes (default {DEFAULT.max_minutes:g}; "
                              f"0: no cap)")
     parser.add_argument("--quick", action="store_true",
-                        help="tiny everything: a smoke test in about two minutes")
+                        help="tiny everything: a smoke test in about a minute")
     parser.add_argument("--cell-timeout", type=int, default=1800,
                         help="seconds any one notebook cell may run (default 1800)")
     parser.add_argument("--quiet", action="store_true",
