@@ -32,7 +32,8 @@ import torch
 
 from kernel_lib.config import PipelineConfig, ThresholdRule
 from kernel_lib.infer import run_inference
-from kernel_lib.labels import read_labels, read_sample_submission, read_solution
+from kernel_lib.labels import (read_labels, read_sample_submission, read_solution,
+                               submission_from_calls)
 from kernel_lib.metric import confusion, score, solution_for_submission
 from kernel_lib.preprocess import preprocess_tomogram
 from kernel_lib.synthetic import generate_dataset
@@ -63,12 +64,6 @@ def blob_table(root: Path, split: str, ids: list[str], spacing: float, cfg: Pipe
         rows.append({"tomo_id": tomo_id, "z": zyx[0], "y": zyx[1], "x": zyx[2],
                      "score": contrast})
     return pl.DataFrame(rows)
-
-
-def to_submission(table: pl.DataFrame, positive: np.ndarray) -> pl.DataFrame:
-    keep = pl.Series(positive)
-    return table.select("tomo_id", *[pl.when(keep).then(pl.col(c)).otherwise(-1.0).alias(
-        f"Motor axis {i}") for i, c in enumerate("zyx")])
 
 
 def scored(solution: pl.DataFrame, submission: pl.DataFrame) -> dict:
@@ -135,8 +130,8 @@ def main() -> int:
             best = sweep.filter(pl.col("f2") == sweep["f2"].max())["value"]
             rule = ThresholdRule(kind, float(best[(len(best) - 1) // 2]))
             positive = apply_threshold(model_table["score"].to_numpy(), rule)
-            alt = to_submission(model_table.select("tomo_id", z="peak_z", y="peak_y",
-                                                   x="peak_x"), positive)
+            peaks = model_table.select("tomo_id", z="peak_z", y="peak_y", x="peak_x")
+            alt = submission_from_calls(peaks, positive)
             rows[f"model, assumed spacing, rule {rule}"] = scored(solution, alt)
 
     none = pl.DataFrame({"tomo_id": test_ids, "Motor axis 0": -1.0, "Motor axis 1": -1.0,
@@ -148,17 +143,17 @@ def main() -> int:
     train_blobs = blob_table(data, "train", train_ids, chosen.assumed_test_spacing, chosen)
 
     def train_f2(positive: np.ndarray) -> float:
-        sub = to_submission(train_blobs, positive)
+        sub = submission_from_calls(train_blobs, positive)
         return score(solution_for_submission(labels.motors, labels.tomograms, sub), sub)
 
     blob_rule = sweep_thresholds(train_blobs["score"].to_numpy(), train_f2).rule
     test_blobs = blob_table(data, "test", test_ids, chosen.assumed_test_spacing, chosen)
     rows[f"baseline: darkest blob, rule {blob_rule} (tuned on train)"] = scored(
-        solution, to_submission(test_blobs, apply_threshold(test_blobs["score"].to_numpy(),
-                                                             blob_rule)))
+        solution, submission_from_calls(
+            test_blobs, apply_threshold(test_blobs["score"].to_numpy(), blob_rule)))
     always = np.ones(test_blobs.height, dtype=bool)
     rows["baseline: darkest blob, always positive"] = scored(
-        solution, to_submission(test_blobs, always))
+        solution, submission_from_calls(test_blobs, always))
 
     metrics = pl.read_csv(run_dir / "metrics.csv")
     lines = [

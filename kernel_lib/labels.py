@@ -414,6 +414,20 @@ def read_sample_submission(path: PathLike) -> list[str]:
     return raw[TOMO_ID].to_list()
 
 
+def submission_from_calls(points: pl.DataFrame, positive: np.ndarray | Sequence[bool],
+                          ) -> pl.DataFrame:
+    """Submission rows from each tomogram's best point and its motor / no-motor call.
+
+    Args:
+        points: ``tomo_id, z, y, x`` (original voxels), one row per tomogram.
+        positive: "has motor" per row; a negative row gets ``-1`` coordinates.
+    """
+    keep = pl.Series(np.asarray(positive, dtype=bool))
+    return points.select(TOMO_ID, *[pl.when(keep).then(pl.col(coord)).otherwise(NO_MOTOR)
+                                    .alias(axis) for coord, axis in zip(COORD_COLUMNS,
+                                                                        AXIS_COLUMNS)])
+
+
 def read_submission(path: PathLike) -> pl.DataFrame:
     """Read and validate a submission file.
 

@@ -58,6 +58,8 @@ import polars as pl
 from tqdm.auto import tqdm
 
 from kernel_lib._synthetic_render import render_scene
+from kernel_lib.labels import (AXIS_COLUMNS, NO_MOTOR, SHAPE_COLUMNS, SOLUTION_COLUMNS,
+                               SUBMISSION_COLUMNS, TRAIN_LABEL_COLUMNS)
 from kernel_lib._synthetic_scene import JPEG_QUALITY, plan_scene, scene_around_motors
 
 GENERATOR_VERSION = 1
@@ -118,13 +120,11 @@ MIN_THICKNESS_A = 1000.0  # z extent of small/medium tomograms, when the z range
 MIN_WIDTH_A = 4000.0  # y and x extent of small/medium tomograms, when the range allows
 YX_ASPECT_JITTER = 0.15  # x differs from y by up to this fraction
 
-# --- CSV columns (the competition's names) -----------------------------------------------------
-AXES = ("Motor axis 0", "Motor axis 1", "Motor axis 2")
-SHAPES = ("Array shape (axis 0)", "Array shape (axis 1)", "Array shape (axis 2)")
-TRAIN_COLUMNS = ("row_id", "tomo_id", *AXES, *SHAPES, "Voxel spacing", "Number of motors")
-SUBMISSION_COLUMNS = ("tomo_id", *AXES)
-TEST_LABEL_COLUMNS = ("tomo_id", *AXES, "Voxel spacing", "Has motor", *SHAPES)
-NO_MOTOR = -1.0
+# --- CSV columns (the competition's names, defined once in kernel_lib.labels) -----------------
+AXES = AXIS_COLUMNS
+SHAPES = SHAPE_COLUMNS
+TRAIN_COLUMNS = TRAIN_LABEL_COLUMNS
+TEST_LABEL_COLUMNS = (*SOLUTION_COLUMNS, *SHAPE_COLUMNS)
 DUMMY_SUBMISSION_VALUE = 100  # what the real sample_submission.csv holds
 
 

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .config import ConfigError, PipelineConfig, atomic_write_bytes, atomic_write_text
-from .labels import LabelError, read_labels
+from .labels import LabelError, read_labels, submission_from_calls
 from .metric import score, solution_for_submission
 from .model import HeatmapModel, ModelError, build_model, check_encoder_name, save_checkpoint
 from .infer import Predictor, decode_peaks, model_input, pick_device
@@ -222,21 +222,13 @@ def validate(model: HeatmapModel, cfg: PipelineConfig, entries: dict[str, CacheE
     val_tomos = tomograms.filter(pl.col("tomo_id").is_in(list(entries)))
     val_motors = motors.filter(pl.col("tomo_id").is_in(list(entries)))
 
-    def submission_for(positive: np.ndarray) -> pl.DataFrame:
-        keep = pl.Series(positive)
-        return predictions.select(
-            "tomo_id",
-            pl.when(keep).then(pl.col("z")).otherwise(-1.0).alias("Motor axis 0"),
-            pl.when(keep).then(pl.col("y")).otherwise(-1.0).alias("Motor axis 1"),
-            pl.when(keep).then(pl.col("x")).otherwise(-1.0).alias("Motor axis 2"))
-
     def evaluate(positive: np.ndarray) -> float:
-        submission = submission_for(positive)
+        submission = submission_from_calls(predictions, positive)
         return score(solution_for_submission(val_motors, val_tomos, submission), submission)
 
     result = sweep_thresholds(scores, evaluate)
     positive = apply_threshold(scores, result.rule)
-    submission = submission_for(positive)
+    submission = submission_from_calls(predictions, positive)
     solution = solution_for_submission(val_motors, val_tomos, submission)
     precision, recall = _precision_recall(solution, submission)
     sweep = pl.DataFrame([("fixed", v, f) for v, f in result.fixed]

@@ -368,3 +368,14 @@ def test_sample_submission_order_kept(tmp_path):
     path = tmp_path / "sample_submission.csv"
     path.write_text(f"{SUBMISSION_HEADER}\ntomo_z,1,1,1\ntomo_a,1,1,1\n")
     assert read_sample_submission(path) == ["tomo_z", "tomo_a"]
+
+
+def test_submission_from_calls_keeps_points_of_positives_only():
+    from kernel_lib.labels import submission_from_calls
+
+    points = pl.DataFrame({"tomo_id": ["a", "b"], "z": [1.0, 4.0], "y": [2.0, 5.0],
+                           "x": [3.0, 6.0]})
+    sub = submission_from_calls(points, [True, False])
+    assert sub.columns == ["tomo_id", "Motor axis 0", "Motor axis 1", "Motor axis 2"]
+    assert sub.row(0) == ("a", 1.0, 2.0, 3.0)
+    assert sub.row(1) == ("b", -1.0, -1.0, -1.0)
