@@ -158,8 +158,57 @@ def augment_intensity(stack: np.ndarray, rng: np.random.Generator,
     return np.clip(x, 0, 255).astype(np.uint8)
 
 
+def dark_spots(volume: np.ndarray, sigma: float, count: int,
+               avoid: np.ndarray | None = None, avoid_radius: float = 0.0) -> np.ndarray:
+    """The ``count`` darkest blob centres of a volume, as hard-negative candidates.
+
+    Dense objects (debris, storage granules, gold beads, vesicle walls and, in a real tomogram,
+    anything else that is not a motor) are dark in cryo-ET slices, and those are what a
+    detector trained on random background crops confuses with motors. The volume is shrunk
+    (area average) so the smoothing works on a few voxels per blob whatever the spacing, blurred
+    with a Gaussian of ``sigma`` model voxels, and its local minima are ranked by darkness.
+
+    Args:
+        volume: ``uint8`` ``(z, y, x)`` model-frame volume (a memory map is fine).
+        sigma: blob scale in model voxels (about a motor's radius).
+        count: at most this many centres.
+        avoid: ``(k, 3)`` points (motors) whose neighbourhood holds no candidate.
+        avoid_radius: that neighbourhood's radius in model voxels.
+
+    Returns:
+        ``float64`` ``(n <= count, 3)`` centres in model voxels, darkest first.
+    """
+    from .peaks import find_peaks
+
+    if volume.ndim != 3 or min(volume.shape) == 0:
+        raise ValueError(f"dark_spots needs a (z, y, x) volume (got shape {volume.shape})")
+    factor = max(1, int(sigma // 2))
+    depth, height, width = volume.shape
+    small_hw = (max(1, height // factor), max(1, width // factor))
+    planes = [cv2.resize(np.ascontiguousarray(volume[z]), small_hw[::-1],
+                         interpolation=cv2.INTER_AREA) for z in range(depth)]
+    zf = min(factor, depth)  # slices averaged per small slice
+    z_blocks = depth // zf
+    small = np.stack(planes)[:z_blocks * zf].astype(np.float32)
+    small = small.reshape(z_blocks, zf, *small_hw).mean(axis=1)
+    s = max(sigma / factor, 0.5)
+    smooth = np.stack([cv2.GaussianBlur(p, (0, 0), s) for p in small])
+    if z_blocks > 1:
+        flat = smooth.reshape(z_blocks, -1)
+        smooth = cv2.GaussianBlur(flat, (1, 0), 0, sigmaY=s).reshape(smooth.shape)
+    darkness = (smooth.max() - smooth) + 1e-3  # > 0, so find_peaks keeps every minimum
+    radius = max(1, math.ceil(2 * s))
+    peaks = find_peaks(darkness, (radius, radius, radius), top_k=4 * count + 4)
+    scale = np.array([zf, height / small_hw[0], width / small_hw[1]])
+    centres = (peaks[:, :3] + 0.5) * scale - 0.5  # small voxel centre -> model voxels
+    if avoid is not None and len(avoid) and avoid_radius > 0:
+        gap = np.linalg.norm(centres[:, None, :] - np.asarray(avoid, float)[None], axis=2)
+        centres = centres[(gap > avoid_radius).all(axis=1)]
+    return centres[:count]
+
+
 class StackSampler:
-    """Draws training batches: positives around motors, negatives anywhere.
+    """Draws training batches: positives around motors, negatives anywhere or on hard spots.
 
     Args:
         volumes: ``{tomo_id: uint8 volume}`` in the model frame (memory maps are fine).
@@ -167,11 +216,17 @@ class StackSampler:
         spec: crop geometry.
         augment: augmentation settings (None for none).
         positive_fraction: share of samples centred near a motor.
+        hard_negatives: ``{tomo_id: (k, 3) centres}`` of motor-free look-alikes (for example
+            :func:`dark_spots`), in model voxels.
+        hard_fraction: share of the negative samples placed near a hard-negative centre (the
+            rest are uniform over the volume).
     """
 
     def __init__(self, volumes: dict[str, np.ndarray], motors: dict[str, np.ndarray],
                  spec: SampleSpec, augment: Augment | None = None,
-                 positive_fraction: float = 0.5) -> None:
+                 positive_fraction: float = 0.5,
+                 hard_negatives: dict[str, np.ndarray] | None = None,
+                 hard_fraction: float = 0.0) -> None:
         if not volumes:
             raise ValueError("no training tomograms to sample from")
         self.volumes, self.spec, self.augment = volumes, spec, augment
@@ -181,6 +236,16 @@ class StackSampler:
         self.positives = [(tomo_id, i) for tomo_id in self.ids
                           for i in range(len(self.motors[tomo_id]))]
         self.positive_fraction = positive_fraction if self.positives else 0.0
+        self.requested_hard_fraction = hard_fraction
+        self.set_hard_negatives(hard_negatives or {})
+
+    def set_hard_negatives(self, hard_negatives: dict[str, np.ndarray]) -> None:
+        """Replace the hard-negative centres (``{tomo_id: (k, 3)}`` in model voxels)."""
+        self.hard = [(tomo_id, np.asarray(c, np.float64).reshape(3))
+                     for tomo_id in self.ids
+                     for c in np.asarray(hard_negatives.get(tomo_id, np.zeros((0, 3)))
+                                         ).reshape(-1, 3)]
+        self.hard_fraction = self.requested_hard_fraction if self.hard else 0.0
 
     def draw(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, bool]:
         """One ``(stack, heatmap, is_positive)``."""
@@ -192,6 +257,12 @@ class StackSampler:
             centre = (motor[0] + rng.normal(0, 0.5 * self.spec.sigma),
                       motor[1] + rng.uniform(-reach, reach), motor[2] + rng.uniform(-reach, reach))
             positive = True
+        elif self.hard_fraction > 0 and rng.random() < self.hard_fraction:
+            tomo_id, spot = self.hard[int(rng.integers(len(self.hard)))]
+            reach = 0.35 * self.spec.crop / pose.zoom  # the look-alike anywhere in the crop
+            centre = (spot[0], spot[1] + rng.uniform(-reach, reach),
+                      spot[2] + rng.uniform(-reach, reach))
+            positive = False
         else:
             tomo_id = self.ids[int(rng.integers(len(self.ids)))]
             shape = self.volumes[tomo_id].shape

@@ -44,13 +44,17 @@ from .labels import LabelError, read_labels, submission_from_calls
 from .metric import score, solution_for_submission
 from .model import HeatmapModel, ModelError, build_model, check_encoder_name, save_checkpoint
 from .infer import Predictor, decode_peaks, model_input, pick_device
+from .peaks import find_peaks, nms_radius_voxels
 from .preprocess import CacheEntry, build_cache
-from .sampling import Augment, SampleSpec, StackSampler
+from .resample import heatmap_frame
+from .sampling import Augment, SampleSpec, StackSampler, dark_spots
 from .stacks import stack_offsets
 from .threshold import apply_threshold, sweep_thresholds
 from .tomogram import TomogramError
 
 STATE_NAME = "last.pt"
+HARD_NEGATIVES_PER_TOMOGRAM = 16
+MOTOR_RADIUS_ANGSTROM = 225.0  # half the C-ring width: the blob scale of hard negatives
 METRICS_NAME = "metrics.csv"
 
 
@@ -73,6 +77,12 @@ class TrainConfig:
         weight_decay: AdamW weight decay.
         warmup_steps: linear warm-up steps before the cosine decay.
         positive_fraction: share of samples centred near a motor.
+        hard_negative_fraction: share of the other samples centred on a hard negative: one
+            of the darkest motor-free blobs of a training tomogram (debris, granules, beads:
+            what a detector trained on random background confuses with motors) or a false
+            peak the model itself found there; the rest are uniform.
+        mine_per_epoch: after each epoch, run the model over this many training tomograms
+            (in turn) and add their strongest false peaks to the hard negatives (0: never).
         loss: ``"bce"`` (with ``pos_weight``) or ``"focal"`` (penalty-reduced focal loss).
         pos_weight: BCE weight of positive heatmap pixels (10 saturated every top score near 1
             after a few hundred CPU steps, so no threshold separated tomograms; 2 does not).
@@ -97,6 +107,8 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_steps: int = 50
     positive_fraction: float = 0.5
+    hard_negative_fraction: float = 0.5
+    mine_per_epoch: int = 8
     loss: str = "bce"
     pos_weight: float = 2.0
     ema_decay: float = 0.99
@@ -122,6 +134,10 @@ class TrainConfig:
             (self.loss in ("bce", "focal"), f"loss must be 'bce' or 'focal' (got {self.loss!r})"),
             (0.0 <= self.positive_fraction <= 1.0,
              f"positive_fraction must be in [0, 1] (got {self.positive_fraction})"),
+            (self.mine_per_epoch >= 0,
+             f"mine_per_epoch must be >= 0 (got {self.mine_per_epoch})"),
+            (0.0 <= self.hard_negative_fraction <= 1.0,
+             f"hard_negative_fraction must be in [0, 1] (got {self.hard_negative_fraction})"),
             (0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1) (got {self.ema_decay})"),
             (0 < self.zoom_range[0] <= self.zoom_range[1],
              f"zoom_range must be 0 < low <= high (got {self.zoom_range})"),
@@ -133,6 +149,44 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------------------- data
+
+
+def hard_negative_spots(volumes: dict[str, np.ndarray], motors: dict[str, np.ndarray],
+                        cfg: PipelineConfig, progress: bool = True) -> dict[str, np.ndarray]:
+    """``{tomo_id: (k, 3)}`` darkest motor-free blob centres per training volume (model voxels)."""
+    sigma = MOTOR_RADIUS_ANGSTROM / cfg.target_spacing
+    avoid_radius = cfg.nms_radius_angstrom / cfg.target_spacing
+    return {t: dark_spots(volume, sigma, HARD_NEGATIVES_PER_TOMOGRAM,
+                          motors.get(t, np.zeros((0, 3))), avoid_radius)
+            for t, volume in tqdm(volumes.items(), desc="hard negatives", unit="tomo",
+                                  leave=False, disable=not progress)}
+
+
+def mine_false_peaks(model: HeatmapModel, cfg: PipelineConfig, volumes: dict[str, np.ndarray],
+                     motors: dict[str, np.ndarray], device: torch.device, batch_size: int = 8,
+                     count: int = HARD_NEGATIVES_PER_TOMOGRAM, min_score: float = 0.05,
+                     ) -> dict[str, np.ndarray]:
+    """The model's strongest peaks away from every motor, per volume, in model voxels.
+
+    These are the look-alikes the model currently gets wrong, whatever they are, so sampling
+    them as negatives needs no idea of what the data's distractors look like.
+    """
+    predictor = Predictor([model], cfg, device, batch_size=batch_size)
+    radius = nms_radius_voxels(cfg.nms_radius_angstrom, cfg.target_spacing, cfg.output_stride,
+                               cfg.z_stride)
+    to_model = heatmap_frame(cfg.output_stride, cfg.z_stride).inverse()
+    avoid_radius = cfg.nms_radius_angstrom / cfg.target_spacing
+    found = {}
+    for tomo_id, volume in volumes.items():
+        peaks = find_peaks(predictor.heatmap(volume), radius, top_k=count, min_score=min_score)
+        centres = to_model.apply(peaks[:, :3]) if len(peaks) else np.zeros((0, 3))
+        own = np.asarray(motors.get(tomo_id, np.zeros((0, 3))), float).reshape(-1, 3)
+        if len(own) and len(centres):
+            gap = np.linalg.norm(centres[:, None] - own[None], axis=2)
+            centres = centres[(gap > avoid_radius).all(axis=1)]
+        found[tomo_id] = centres
+    model.train()
+    return found
 
 
 def assign_folds(tomograms: pl.DataFrame, n_folds: int, seed: int) -> pl.DataFrame:
@@ -179,11 +233,15 @@ def heatmap_loss(logits: torch.Tensor, target: torch.Tensor, kind: str,
     return (pos_loss.sum() + neg_loss.sum()) / n_pos
 
 
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up to 1, then cosine decay to 0.01 at ``total`` steps."""
+def lr_factor(step: int, total: int, warmup: int, time_fraction: float = 0.0) -> float:
+    """Linear warm-up to 1, then cosine decay to 0.01 at ``total`` steps.
+
+    ``time_fraction`` (elapsed / ``max_minutes``) moves the decay ahead when the time limit
+    comes before the last step, so a time-boxed run still ends at a low learning rate.
+    """
     if step < warmup:
         return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    progress = min(1.0, max((step - warmup) / max(1, total - warmup), time_fraction))
     return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -261,7 +319,7 @@ class TrainResult:
     """Where the run is and how it went."""
 
     run_dir: Path
-    best_f2: float | None
+    best_f2: float | None  # validation F2 of the saved checkpoint
     epochs_done: int
     metrics: pl.DataFrame
     stopped_by: str = "epochs"
@@ -330,15 +388,22 @@ def train(data_root: str | os.PathLike, run_dir: str | os.PathLike,
 
     spec = SampleSpec(tcfg.crop, cfg.sigma_angstrom / cfg.target_spacing, cfg.output_stride,
                       stack_offsets(cfg.stack_half, cfg.stack_step_slices))
-    sampler = StackSampler({t: e.load() for t, e in train_entries.items()},
-                           motors_in_model_frame(motors, train_entries), spec,
-                           Augment(zoom_range=tcfg.zoom_range), tcfg.positive_fraction)
+    volumes = {t: e.load() for t, e in train_entries.items()}
+    train_motors = motors_in_model_frame(motors, train_entries)
+    hard = {}
+    if tcfg.hard_negative_fraction > 0:
+        hard = hard_negative_spots(volumes, train_motors, cfg, progress)
+    sampler = StackSampler(volumes, train_motors, spec, Augment(zoom_range=tcfg.zoom_range),
+                           tcfg.positive_fraction, hard, tcfg.hard_negative_fraction)
 
     model = build_model(cfg, tcfg.encoder_weights).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     total_steps = tcfg.epochs * tcfg.steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, tcfg.warmup_steps))
+
+    def set_lr(step: int, minutes: float) -> None:
+        fraction = minutes / tcfg.max_minutes if tcfg.max_minutes else 0.0
+        for group in optimizer.param_groups:
+            group["lr"] = tcfg.lr * lr_factor(step, total_steps, tcfg.warmup_steps, fraction)
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     ema = None
@@ -348,6 +413,8 @@ def train(data_root: str | os.PathLike, run_dir: str | os.PathLike,
 
     history: list[dict] = []
     best_f2, start_epoch, step, elapsed_before = None, 0, 0, 0.0
+    top_f2 = None  # the highest validation F2 so far (best_f2 is the saved checkpoint's)
+    mined: dict[str, np.ndarray] = {}
     state_path = run_dir / STATE_NAME
     if resume and state_path.is_file():
         state = torch.load(state_path, map_location=device, weights_only=False)
@@ -356,11 +423,13 @@ def train(data_root: str | os.PathLike, run_dir: str | os.PathLike,
                              f"--out, or pass --no-resume to start over")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
         if ema is not None and state.get("ema") is not None:
             ema.module.load_state_dict(state["ema"])
         history, best_f2 = state["history"], state["best_f2"]
+        top_f2 = state.get("top_f2", best_f2)
         start_epoch, step = state["epoch"], state["step"]
+        mined = {t: np.asarray(c, float) for t, c in state.get("mined", {}).items()}
+        sampler.set_hard_negatives(_merge_spots(hard, mined))
         elapsed_before = state.get("elapsed", 0.0)
         print(f"resuming {run_dir} at epoch {start_epoch} (step {step})", file=sys.stderr)
 
@@ -374,6 +443,7 @@ def train(data_root: str | os.PathLike, run_dir: str | os.PathLike,
         bar = tqdm(range(tcfg.steps_per_epoch), desc=f"epoch {epoch + 1}/{tcfg.epochs}",
                    leave=False, disable=not progress)
         for _ in bar:
+            set_lr(step, _minutes(started, elapsed_before))
             stacks, heat = sampler.batch(rng, tcfg.batch_size)
             x = model_input(torch.from_numpy(stacks).to(device))
             y = torch.from_numpy(heat).to(device)
@@ -389,7 +459,6 @@ def train(data_root: str | os.PathLike, run_dir: str | os.PathLike,
             torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
             scaler.step(optimizer)
             scaler.update()
-            scheduler.step()
             if ema is not None:
                 ema.update(model, step=step)
             step += 1
@@ -403,14 +472,15 @@ def train(data_root: str | os.PathLike, run_dir: str | os.PathLike,
 
         eval_model = ema.module if ema is not None else model
         row = {"epoch": epoch + 1, "step": step, "train_loss": float(np.mean(losses)),
-               "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - epoch_started}
+               "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - epoch_started}
         if val_entries:
             val = validate(eval_model, cfg, val_entries, motors, tomograms, device,
                            tcfg.val_batch_size, progress)
             row.update(val_f2=val.f2, val_f2_fixed=val.f2_fixed, val_f2_quantile=val.f2_quantile,
                        val_precision=val.precision, val_recall=val.recall,
                        threshold=str(val.rule))
-            improved = best_f2 is None or val.f2 > best_f2
+            improved = replaces_saved(val.f2, top_f2, len(val_entries))
+            top_f2 = val.f2 if top_f2 is None else max(top_f2, val.f2)
             if improved:
                 best_f2 = val.f2
                 save_checkpoint(eval_model, cfg.replace(threshold=val.rule), run_dir,
@@ -419,13 +489,23 @@ def train(data_root: str | os.PathLike, run_dir: str | os.PathLike,
                 atomic_write_text(run_dir / "val_predictions.csv", val.predictions.write_csv())
         else:
             save_checkpoint(eval_model, cfg, run_dir, extra={"epoch": epoch + 1})
+        if tcfg.mine_per_epoch and tcfg.hard_negative_fraction > 0 and stopped_by == "epochs":
+            ids = sorted(volumes)
+            turn = [ids[(epoch * tcfg.mine_per_epoch + i) % len(ids)]
+                    for i in range(min(tcfg.mine_per_epoch, len(ids)))]
+            mined.update(mine_false_peaks(eval_model, cfg, {t: volumes[t] for t in turn},
+                                          train_motors, device, tcfg.val_batch_size))
+            model.train()
+            sampler.set_hard_negatives(_merge_spots(hard, mined))
+            row["hard_negatives"] = len(sampler.hard)
         history.append(row)
         atomic_write_text(run_dir / METRICS_NAME, pl.DataFrame(history).write_csv())
         atomic_write_bytes(state_path, _state_bytes({
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
             "ema": ema.module.state_dict() if ema is not None else None,
-            "history": history, "best_f2": best_f2, "epoch": epoch + 1, "step": step,
+            "history": history, "best_f2": best_f2, "top_f2": top_f2, "epoch": epoch + 1,
+            "step": step,
+            "mined": {t: c.tolist() for t, c in mined.items()},
             "config": cfg.to_dict(), "elapsed": _minutes(started, elapsed_before) * 60}))
         summary = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                             for k, v in row.items())
@@ -434,6 +514,24 @@ def train(data_root: str | os.PathLike, run_dir: str | os.PathLike,
             break
     return TrainResult(run_dir, best_f2, len(history), pl.DataFrame(history), stopped_by,
                        history)
+
+
+def replaces_saved(val_f2: float, top_f2: float | None, n_val: int) -> bool:
+    """Whether this epoch's checkpoint replaces the saved one.
+
+    A later epoch (more data seen, a lower learning rate, a smoother EMA) wins unless its F2 is
+    below the best so far by more than half a tomogram's worth: on a small validation fold one
+    tomogram flipping moves F2 by about ``1 / n_val``. In the accuracy benchmark (8 validation
+    tomograms) the early epoch that got lucky on them ranked the test tomograms far worse (AUC
+    0.64) than the last epoch (0.82), which scored 0.04 lower on validation.
+    """
+    return top_f2 is None or val_f2 >= top_f2 - 0.5 / max(1, n_val)
+
+
+def _merge_spots(*pools: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    keys = set().union(*pools)
+    return {k: np.concatenate([np.asarray(p.get(k, np.zeros((0, 3))), float).reshape(-1, 3)
+                               for p in pools]) for k in keys}
 
 
 def _minutes(started: float, elapsed_before: float) -> float:
@@ -459,6 +557,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--loss", choices=("bce", "focal"), default=defaults.loss)
     parser.add_argument("--pos-weight", type=float, default=defaults.pos_weight)
     parser.add_argument("--positive-fraction", type=float, default=defaults.positive_fraction)
+    parser.add_argument("--hard-negative-fraction", type=float,
+                        default=defaults.hard_negative_fraction,
+                        help="share of negative samples centred on dark motor-free blobs")
+    parser.add_argument("--mine-per-epoch", type=int, default=defaults.mine_per_epoch,
+                        help="training tomograms searched for false peaks after each epoch")
     parser.add_argument("--ema-decay", type=float, default=defaults.ema_decay)
     parser.add_argument("--zoom-range", type=float, nargs=2, default=defaults.zoom_range)
     parser.add_argument("--max-minutes", type=float, default=0.0)
@@ -497,7 +600,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         tcfg = TrainConfig(fold=fold, n_folds=args.n_folds, epochs=args.epochs,
                            steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
                            crop=args.crop, lr=args.lr, loss=args.loss, pos_weight=args.pos_weight,
-                           positive_fraction=args.positive_fraction, ema_decay=args.ema_decay,
+                           positive_fraction=args.positive_fraction,
+                           hard_negative_fraction=args.hard_negative_fraction,
+                           mine_per_epoch=args.mine_per_epoch,
+                           ema_decay=args.ema_decay,
                            zoom_range=tuple(args.zoom_range), max_minutes=args.max_minutes,
                            seed=args.seed, device=args.device,
                            encoder_weights=args.encoder_weights, cache_dir=args.cache_dir)

@@ -149,3 +149,57 @@ def test_train_is_deterministic_on_cpu(tiny, tmp_path):
     for key in results[0]:
         assert torch.equal(results[0][key], results[1][key]), key
     assert np.isfinite(pl.read_csv(tmp_path / "a" / "metrics.csv")["train_loss"][0])
+
+
+def test_lr_schedule_warms_up_decays_and_follows_the_time_limit():
+    from kernel_lib.train import lr_factor
+
+    assert lr_factor(0, 100, 10) == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10) == pytest.approx(1.0)
+    steps = [lr_factor(s, 100, 10) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(steps, steps[1:]))  # monotone decay after warm-up
+    assert steps[-1] == pytest.approx(0.01)
+    # A time-boxed run whose clock is at 50% decays as if half-way, even at an early step...
+    assert lr_factor(20, 10_000, 10, time_fraction=0.5) == pytest.approx(0.01 + 0.99 * 0.5)
+    # ...ends at the floor when the time is up, and the step count still wins when it is ahead.
+    assert lr_factor(20, 10_000, 10, time_fraction=1.0) == pytest.approx(0.01)
+    assert lr_factor(100, 100, 10, time_fraction=0.1) == pytest.approx(0.01)
+    assert lr_factor(5, 100, 10, time_fraction=0.9) == pytest.approx(0.6)  # warm-up untouched
+
+
+class _BrightSpotModel(torch.nn.Module):
+    """Heatmap logits = the middle channel's brightness, pooled to the output stride."""
+
+    input_multiple = 4
+
+    def forward(self, x):
+        return torch.nn.functional.avg_pool2d(x[:, 1:2], 4) * 4.0 - 2.0
+
+
+def test_mined_false_peaks_are_in_model_voxels_and_skip_the_motors():
+    from kernel_lib.train import mine_false_peaks
+
+    cfg = PipelineConfig(target_spacing=32.0, z_stride=1)
+    volume = np.zeros((24, 96, 96), np.uint8)
+    volume[9:12, 16:20, 16:20] = 255  # the motor (aligned with the 4-pixel output stride)
+    volume[14:17, 68:72, 56:60] = 255  # a look-alike: the false peak to mine
+    motors = {"a": np.array([[10.0, 17.5, 17.5]])}
+    found = mine_false_peaks(_BrightSpotModel(), cfg, {"a": volume}, motors, torch.device("cpu"),
+                             count=4, min_score=0.5)
+    assert set(found) == {"a"}
+    assert len(found["a"]) >= 1
+    assert np.abs(found["a"][0] - [15.0, 69.5, 57.5]).max() <= 1.0  # best false peak first
+    assert np.linalg.norm(found["a"] - motors["a"], axis=1).min() > 600.0 / 32.0
+    none = mine_false_peaks(_BrightSpotModel(), cfg, {"b": np.zeros((8, 32, 32), np.uint8)}, {},
+                            torch.device("cpu"), min_score=0.5)
+    assert none["b"].shape == (0, 3)
+
+
+def test_checkpoint_choice_prefers_later_epochs_within_noise():
+    from kernel_lib.train import replaces_saved
+
+    assert replaces_saved(0.5, None, 8)  # the first epoch is always saved
+    assert replaces_saved(0.93, 0.96, 8)  # 8 tomograms: 0.03 is less than half a flip
+    assert not replaces_saved(0.85, 0.96, 8)  # a real drop keeps the earlier checkpoint
+    assert not replaces_saved(0.93, 0.96, 130)  # 130 tomograms: 0.03 is four flips
+    assert replaces_saved(0.96, 0.96, 130)  # ties go to the later epoch

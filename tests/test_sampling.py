@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from kernel_lib.sampling import (Augment, Pose, SampleSpec, StackSampler, cut_sample,
-                                 motors_in_crop)
+                                 dark_spots, motors_in_crop)
 from kernel_lib.stacks import stack_offsets
 
 
@@ -82,3 +82,48 @@ def test_no_motor_anywhere_means_negatives_only():
         assert not positive and heat.max() == 0
     with pytest.raises(ValueError, match="no training tomograms"):
         StackSampler({}, {}, SPEC)
+
+
+def _noisy_volume_with_balls(centres, shape=(60, 200, 220), radius=6, seed=0):
+    rng = np.random.default_rng(seed)
+    vol = rng.normal(170, 20, shape).clip(0, 255).astype(np.uint8)
+    zz, yy, xx = np.mgrid[:shape[0], :shape[1], :shape[2]]
+    for c in centres:
+        vol[((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2) < radius ** 2] = 30
+    return vol
+
+
+def test_dark_spots_find_dense_blobs_and_skip_the_motors():
+    balls = [(20, 50, 60), (40, 150, 170), (30, 100, 40)]
+    vol = _noisy_volume_with_balls(balls)
+    spots = dark_spots(vol, sigma=7.0, count=5)
+    assert spots.shape == (5, 3)
+    for ball in balls:  # each ball is one of the three darkest spots, within 2 voxels
+        assert np.linalg.norm(spots[:3] - ball, axis=1).min() < 2.0, ball
+    motor = np.array([balls[1]], dtype=float)
+    kept = dark_spots(vol, sigma=7.0, count=5, avoid=motor, avoid_radius=15.0)
+    assert np.linalg.norm(kept - motor, axis=1).min() > 15.0
+    for ball in (balls[0], balls[2]):
+        assert np.linalg.norm(kept[:2] - ball, axis=1).min() < 2.0, ball
+    thin = dark_spots(vol[:3], sigma=7.0, count=2)  # fewer slices than the shrink factor
+    assert thin.shape == (2, 3) and np.all(thin[:, 0] == 1.0)
+    with pytest.raises(ValueError, match="dark_spots needs"):
+        dark_spots(vol[0], sigma=7.0, count=2)
+
+
+def test_hard_negative_draws_put_the_look_alike_in_the_crop():
+    ball = (30, 100, 110)
+    vol = _noisy_volume_with_balls([ball])
+    spots = {"a": dark_spots(vol, sigma=7.0, count=1)}
+    sampler = StackSampler({"a": vol}, {}, SPEC, None, positive_fraction=0.0,
+                           hard_negatives=spots, hard_fraction=1.0)
+    rng = np.random.default_rng(2)
+    for _ in range(20):
+        stack, heat, positive = sampler.draw(rng)
+        assert not positive and heat.max() == 0
+        assert stack[1].min() < 60, "the dark blob must be inside a hard-negative crop"
+    uniform = StackSampler({"a": vol}, {}, SPEC, None, positive_fraction=0.0)
+    hits = sum(uniform.draw(rng)[0][1].min() < 60 for _ in range(20))
+    assert hits < 5  # uniform negatives mostly miss it: the hard draws are not luck
+    ignored = StackSampler({"a": vol}, {}, SPEC, None, 0.0, hard_negatives={}, hard_fraction=1.0)
+    assert ignored.hard_fraction == 0.0  # no candidates: plain negatives
