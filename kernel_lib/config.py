@@ -72,6 +72,9 @@ class PipelineConfig:
 
     Attributes:
         target_spacing: angstroms per model voxel; volumes are resampled to it isotropically.
+            32 A by default: the 1000 A scoring radius is 30 model voxels there, the top two
+            entries worked at about 20-35 A (fixed-shape resizes), and it is 4-8x cheaper than
+            16 A (bench/RESULTS.md).
         assumed_test_spacing: angstroms per original voxel assumed for tomograms whose spacing is
             unknown (all test tomograms). Training sets it to the median of its training spacings
             when it is None.
@@ -90,7 +93,7 @@ class PipelineConfig:
         version: schema version of this file; loading another version fails clearly.
     """
 
-    target_spacing: float = 16.0
+    target_spacing: float = 32.0
     assumed_test_spacing: float | None = None
     percentile_low: float = 2.0
     percentile_high: float = 98.0

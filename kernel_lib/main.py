@@ -54,9 +54,9 @@ class Budget:
     pos_weight: float
 
 
-# 32 A per model voxel (the coarse end of what the winners used) and every 4th slice keep CPU
-# training and inference of small synthetic tomograms to seconds (the notebooks' own defaults
-# are 16 A and every 2nd slice). A BCE positive weight of 2 instead of 10 keeps the peak scores
+# 32 A per model voxel (the library default) and every 4th slice keep CPU training and
+# inference of small synthetic tomograms to seconds (the notebooks' own default is every 2nd
+# slice). A BCE positive weight of 2 instead of 10 keeps the peak scores
 # of a few hundred steps from saturating near 1, so the threshold can separate tomograms.
 DEFAULT = Budget(n_train=nb.LOCAL_SYNTHETIC["n_train"], n_test=nb.LOCAL_SYNTHETIC["n_test"],
                  epochs=6, steps_per_epoch=150, batch_size=8, crop=96, max_minutes=6.0,
