@@ -10,8 +10,7 @@ in one run and for each target spacing:
   slice vs our histogram + look-up table), and the plain pre-streaming path for comparison;
 - 2.5D stack gathering, the float model input, the model forward (CPU here, extrapolated from
   the first batches unless ``--forward-stacks 0``), and one real end-to-end tomogram;
-- peak decoding as it is (``peaks.find_peaks``: one dense 3D max-pool) and with a separable
-  ``cv2.dilate`` max filter (identical peaks, checked here) proposed for ``kernel_lib/peaks.py``;
+- peak decoding (``peaks.find_peaks``: a separable 3D max filter, then the top candidates);
 - peak memory (RSS) of the whole inference of one tomogram, in a fresh subprocess.
 
 Every time is also reported as a ratio to the baseline decode of the same slices measured in the
@@ -27,7 +26,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import json
 import math
@@ -38,7 +36,6 @@ import statistics
 import subprocess
 import sys
 import time
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,7 +44,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-import kernel_lib.peaks
 from kernel_lib.config import PipelineConfig
 from kernel_lib.infer import Predictor, decode_peaks, model_input
 from kernel_lib.model import build_model, pad_to_multiple
@@ -150,44 +146,6 @@ class FirstBatchesOnly(nn.Module):
         return torch.randn(shape, generator=self.generator) - 4.0
 
 
-def max_filter3d(heat: np.ndarray, radius: tuple[int, int, int]) -> np.ndarray:
-    """Maximum over a ``(2 rz + 1, 2 ry + 1, 2 rx + 1)`` box around every voxel, ignoring the
-    outside: what ``F.max_pool3d(stride=1, padding=radius)`` computes, but separable (in-plane
-    ``cv2.dilate`` per slice, then along z on the ``(z, y*x)`` matrix): O(rz + ry + rx) work per
-    voxel instead of O(rz ry rx)."""
-    rz, ry, rx = radius
-    heat = np.ascontiguousarray(heat, dtype=np.float32)
-    out = np.empty_like(heat)
-    plane_kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (2 * rx + 1, 2 * ry + 1))
-    for z in range(heat.shape[0]):
-        cv2.dilate(heat[z], plane_kernel, dst=out[z])
-    flat = out.reshape(heat.shape[0], -1)
-    depth_kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (1, 2 * rz + 1))
-    for start in range(0, flat.shape[1], 32000):  # cv2 matrices stay well inside int limits
-        chunk = np.ascontiguousarray(flat[:, start:start + 32000])
-        flat[:, start:start + chunk.shape[1]] = cv2.dilate(chunk, depth_kernel)
-    return out
-
-
-def _separable_max_pool3d(x: torch.Tensor, kernel_size, stride=1, padding=0) -> torch.Tensor:
-    radius = tuple(int(p) for p in padding)
-    assert tuple(kernel_size) == tuple(2 * r + 1 for r in radius) and stride == 1
-    pooled = max_filter3d(x[0, 0].detach().cpu().numpy(), radius)
-    return torch.from_numpy(pooled).to(x.device)[None, None]
-
-
-@contextlib.contextmanager
-def proposed_peak_filter():
-    """Run ``kernel_lib.peaks.find_peaks`` with :func:`max_filter3d` in place of its dense
-    ``F.max_pool3d`` (everything else in it unchanged)."""
-    original = kernel_lib.peaks.F
-    kernel_lib.peaks.F = types.SimpleNamespace(max_pool3d=_separable_max_pool3d)
-    try:
-        yield
-    finally:
-        kernel_lib.peaks.F = original
-
-
 # --- one tomogram, one target spacing ------------------------------------------------------------
 
 @dataclass
@@ -238,8 +196,7 @@ def bench_one(folder: Path, target: float, args: argparse.Namespace) -> dict:
              "np.percentile, volume", "np.percentile, per slice", "histogram percentiles",
              "look-up table (in place)", "preprocess total (streaming)",
              "preprocess, plain path (before)", "stack gathering (uint8)",
-             "float input + padding (on the GPU there)", "model forward",
-             "peak decoding, find_peaks as is", "peak decoding, separable filter (proposed)"]
+             "float input + padding (on the GPU there)", "model forward", "peak decoding"]
     stages = {name: Stage(name) for name in names}
     heat_shape = (n_stacks, math.ceil(shape[1] / cfg.output_stride),
                   math.ceil(shape[2] / cfg.output_stride))
@@ -291,16 +248,8 @@ def bench_one(folder: Path, target: float, args: argparse.Namespace) -> dict:
         wall, cpu, _ = timed(predictor.heatmap, part)
         scale = n_stacks / forward_stacks
         add("model forward", wall * scale, cpu * scale)
-        with proposed_peak_filter():
-            wall, cpu, fast_peaks = timed(decode_peaks, heat, cfg, prep.frame,
-                                          prep.original_shape)
-        add("peak decoding, separable filter (proposed)", wall, cpu)
-        if repeat == 0:  # minutes at 16 A: once is enough
-            wall, cpu, peaks = timed(decode_peaks, heat, cfg, prep.frame, prep.original_shape)
-            add("peak decoding, find_peaks as is", wall, cpu)
-            if not np.array_equal(peaks, fast_peaks):
-                raise AssertionError(f"the separable filter changed the peaks: {peaks} vs "
-                                     f"{fast_peaks}")
+        wall, cpu, _ = timed(decode_peaks, heat, cfg, prep.frame, prep.original_shape)
+        add("peak decoding", wall, cpu)
         del prep
         print(f"  repeat {repeat + 1}/{args.repeats}: baseline {base_wall:.2f} s, "
               f"preprocess {stages['preprocess total (streaming)'].wall[-1]:.2f} s, "
@@ -308,19 +257,14 @@ def bench_one(folder: Path, target: float, args: argparse.Namespace) -> dict:
     if forward_stacks < n_stacks:
         stages["model forward"].note = (f"first {forward_stacks} of {n_stacks} stacks, "
                                         f"extrapolated")
-    stages["peak decoding, find_peaks as is"].note = "timed once; same peaks as below"
-    stages["peak decoding, separable filter (proposed)"].note = "bench-side patch of peaks.py"
-    common = ["preprocess total (streaming)", "stack gathering (uint8)"]
+    names = ["preprocess total (streaming)", "stack gathering (uint8)", "peak decoding"]
     result = {"folder": folder.name, "target": target, "reduction": reduction,
               "model_shape": shape, "n_stacks": n_stacks, "stages": stages,
-              "base_seconds": stages["baseline decode"].seconds}
-    for key, peaks in (("as_is", "peak decoding, find_peaks as is"),
-                       ("proposed", "peak decoding, separable filter (proposed)")):
-        names = common + [peaks]
-        result[f"non_model_ratio_{key}"] = sum(stages[n].ratio for n in names)
-        result[f"non_model_cpu_ratio_{key}"] = sum(stages[n].cpu_ratio for n in names)
-        result[f"non_model_seconds_{key}"] = sum(stages[n].seconds for n in names)
-    result["end_to_end_estimate_ratio"] = (result["non_model_ratio_as_is"]
+              "base_seconds": stages["baseline decode"].seconds,
+              "non_model_ratio": sum(stages[n].ratio for n in names),
+              "non_model_cpu_ratio": sum(stages[n].cpu_ratio for n in names),
+              "non_model_seconds": sum(stages[n].seconds for n in names)}
+    result["end_to_end_estimate_ratio"] = (result["non_model_ratio"]
                                            + stages["float input + padding (on the GPU there)"]
                                            .ratio + stages["model forward"].ratio)
     return result
@@ -388,9 +332,7 @@ def accelerator_throughput(folder: Path, target: float, args: argparse.Namespace
         lines.append(f"| {batch} | {wall:.3f} | {n_stacks / wall:.1f} |")
         if best is None or wall < best[1]:
             best = (batch, wall)
-    with proposed_peak_filter():
-        peaks_wall, _, _ = timed(decode_peaks, heat, cfg, prep.frame, prep.original_shape)
-    peaks_as_is, _, _ = timed(decode_peaks, heat, cfg, prep.frame, prep.original_shape)
+    peaks_wall, _, _ = timed(decode_peaks, heat, cfg, prep.frame, prep.original_shape)
     root = args.work / f"accelerator_{folder.name}"
     run_dir = root / "run"
     save_checkpoint(model, cfg, run_dir)
@@ -409,8 +351,7 @@ def accelerator_throughput(folder: Path, target: float, args: argparse.Namespace
                        progress=False, out=None, prefetch=1)
     per_tomogram = wall / len(ids)
     lines += ["", f"- Best batch {best[0]}: forward {best[1]:.2f} s, preprocessing "
-              f"{prep_wall:.2f} s (CPU), peak decoding {peaks_as_is:.2f} s as is / "
-              f"{peaks_wall:.3f} s with the proposed filter.",
+              f"{prep_wall:.2f} s (CPU), peak decoding {peaks_wall:.3f} s.",
               f"- `run_inference` over {len(ids)} copies with the prefetching reader: "
               f"{per_tomogram:.2f} s per tomogram = {1 / per_tomogram:.2f} tomograms/s; "
               f"projected {N_TEST_TOMOGRAMS} tomograms of this size: "
@@ -446,8 +387,7 @@ def rss_child(folder: Path, target: float, mode: str, batch_size: int, real_batc
         volume = normalize(volume, cfg.percentile_low, cfg.percentile_high, out="uint8")
     after_prep = vm_hwm()
     heat = predictor.heatmap(volume)
-    with proposed_peak_filter():  # same peaks and buffers, minutes faster at 16 A
-        decode_peaks(heat, cfg, frame, shape)
+    decode_peaks(heat, cfg, frame, shape)
     return {"before": before, "after_preprocess": after_prep, "peak": vm_hwm(),
             "volume_bytes": int(volume.nbytes)}
 
@@ -486,12 +426,9 @@ def stage_table(result: dict) -> list[str]:
             continue
         lines.append(f"| {stage.name} | {stage.seconds:.3f} | {stage.ratio:.3f} | "
                      f"{stage.cpu_ratio:.3f} | {stage.note} |")
-    for key, label in (("as_is", "peaks as is"), ("proposed", "proposed peak filter")):
-        lines.append(f"| **non-model total** (preprocess + stacks + {label}) | "
-                     f"{result['non_model_seconds_' + key]:.3f} | "
-                     f"**{result['non_model_ratio_' + key]:.3f}** | "
-                     f"{result['non_model_cpu_ratio_' + key]:.3f} | "
-                     f"target <= {TARGET_NON_MODEL} |")
+    lines.append(f"| **non-model total** (preprocess + stacks + peaks) | "
+                 f"{result['non_model_seconds']:.3f} | **{result['non_model_ratio']:.3f}** | "
+                 f"{result['non_model_cpu_ratio']:.3f} | target <= {TARGET_NON_MODEL} |")
     lines.append(f"| end to end, estimated (non-model + forward) | | "
                  f"{result['end_to_end_estimate_ratio']:.2f} | | |")
     return lines + [""]
@@ -504,19 +441,17 @@ def verdicts(results: list[dict], e2e: dict, rss: dict, args: argparse.Namespace
         stages = result["stages"]
         read = stages["reader (threads, in-plane resize)"].ratio
         decode_only = stages["reader, decode only (no resize)"].ratio
-        as_is, proposed = result["non_model_ratio_as_is"], result["non_model_ratio_proposed"]
-        peaks_as_is = stages["peak decoding, find_peaks as is"].ratio
-        peaks_proposed = stages["peak decoding, separable filter (proposed)"].ratio
+        total, total_cpu = result["non_model_ratio"], result["non_model_cpu_ratio"]
         normalise = (stages["histogram percentiles"].ratio
                      + stages["look-up table (in place)"].ratio)
         lines.append(
             f"- Non-model path at {result['target']:g} A ({result['folder']}"
             f"{', the default spacing' if result['target'] == default else ''}): "
-            f"{as_is:.2f}x baseline as is -> {'MET' if as_is <= TARGET_NON_MODEL else 'NOT MET'}"
-            f"; {proposed:.2f}x with the proposed peak filter -> "
-            f"{'MET' if proposed <= TARGET_NON_MODEL else 'NOT MET'} (target "
-            f"{TARGET_NON_MODEL}x). Peak decoding as is: {peaks_as_is:.2f}x, proposed "
-            f"{peaks_proposed:.3f}x. The threaded reader alone is {read:.2f}x (decode without "
+            f"{total:.2f}x baseline (wall; {total_cpu:.2f}x in CPU time) -> "
+            f"{'MET' if total <= TARGET_NON_MODEL else 'NOT MET'} (target "
+            f"{TARGET_NON_MODEL}x). Peak decoding: "
+            f"{stages['peak decoding'].ratio:.3f}x. The threaded reader alone is {read:.2f}x "
+            f"(decode without "
             f"the resize {decode_only:.2f}x), the z resize "
             f"{stages['z resize (in place)'].ratio:.2f}x, the histogram + look-up table "
             f"{normalise:.2f}x (np.percentile alone: "
@@ -527,7 +462,7 @@ def verdicts(results: list[dict], e2e: dict, rss: dict, args: argparse.Namespace
         lines.append(f"- End to end on CPU, {key}: {seconds:.1f} s = {ratio:.1f}x baseline -> "
                      f"{'MET' if ratio <= TARGET_END_TO_END else 'NOT MET'} (target "
                      f"{TARGET_END_TO_END}x). The model forward is about {forward_share:.0%} "
-                     f"of it and peak decoding as is about {peaks_share:.0%} (timed separately "
+                     f"of it and peak decoding about {peaks_share:.0%} (timed separately "
                      f"above).")
     for key, value in rss.items():
         peak = value["peak"] / GIB
@@ -639,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
                 match = next(r for r in results if r["folder"] == folder.name
                              and r["target"] == target)
                 forward = match["stages"]["model forward"].seconds
-                peaks = match["stages"]["peak decoding, find_peaks as is"].seconds
+                peaks = match["stages"]["peak decoding"].seconds
                 e2e[f"{folder.name} at {target:g} A"] = (seconds, ratio,
                                                          min(1.0, forward / seconds),
                                                          min(1.0, peaks / seconds))
