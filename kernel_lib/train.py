@@ -89,8 +89,10 @@ class TrainConfig:
         ema_decay: EMA decay of the weights (0 disables EMA).
         grad_clip: gradient norm clip.
         zoom_range: training zoom range (tolerance to an unknown test spacing).
-        max_minutes: stop after this wall time (0 = no limit), validating and saving first.
-        seed: seed of every random draw (runs are deterministic on CPU).
+        max_minutes: stop after this wall time (0 = no limit), validating and saving first;
+            the cosine decay then follows the clock too, so it still ends near zero.
+        seed: seed of every random draw (runs are deterministic on CPU, except that with a
+            time limit the learning rate depends on the clock).
         val_batch_size: stacks per forward pass in validation.
         device: ``"cpu"``, ``"cuda"`` or None for automatic.
         encoder_weights: optional local timm weights file for the encoder.
@@ -472,7 +474,8 @@ def train(data_root: str | os.PathLike, run_dir: str | os.PathLike,
 
         eval_model = ema.module if ema is not None else model
         row = {"epoch": epoch + 1, "step": step, "train_loss": float(np.mean(losses)),
-               "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - epoch_started}
+               "lr": optimizer.param_groups[0]["lr"],
+               "seconds": time.perf_counter() - epoch_started}
         if val_entries:
             val = validate(eval_model, cfg, val_entries, motors, tomograms, device,
                            tcfg.val_batch_size, progress)
