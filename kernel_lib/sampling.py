@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from .peaks import find_peaks
 from .targets import gaussian_heatmap
 
 
@@ -178,8 +179,6 @@ def dark_spots(volume: np.ndarray, sigma: float, count: int,
     Returns:
         ``float64`` ``(n <= count, 3)`` centres in model voxels, darkest first.
     """
-    from .peaks import find_peaks
-
     if volume.ndim != 3 or min(volume.shape) == 0:
         raise ValueError(f"dark_spots needs a (z, y, x) volume (got shape {volume.shape})")
     factor = max(1, int(sigma // 2))
