@@ -135,6 +135,7 @@ def main() -> int:
             scored(solution, model_table)}
     known = run_inference(data, [run_dir], spacings=true_spacing, progress=False)
     rows["model, true test spacing (not available on Kaggle)"] = scored(solution, known)
+    peaks = model_table.select("tomo_id", z="peak_z", y="peak_y", x="peak_x")
     for kind in ("fixed", "quantile"):
         if chosen.threshold.kind != kind:
             # The other rule at its validation-best value, applied to the same peaks.
@@ -142,14 +143,12 @@ def main() -> int:
             best = sweep.filter(pl.col("f2") == sweep["f2"].max())["value"]
             rule = ThresholdRule(kind, float(best[(len(best) - 1) // 2]))
             positive = apply_threshold(model_table["score"].to_numpy(), rule)
-            peaks = model_table.select("tomo_id", z="peak_z", y="peak_y", x="peak_x")
             alt = submission_from_calls(peaks, positive)
             rows[f"model, assumed spacing, rule {rule}"] = scored(solution, alt)
 
     # Diagnostics, not results: calling every tomogram positive scores the localisation alone
     # (misplaced peaks are the only misses), and the AUC says how well the top peak score
     # ranks tomograms with a motor above those without, whatever the threshold.
-    peaks = model_table.select("tomo_id", z="peak_z", y="peak_y", x="peak_x")
     rows["diagnostic: model, every tomogram called positive"] = scored(
         solution, submission_from_calls(peaks, np.ones(model_table.height, dtype=bool)))
     has = dict(zip(solution["tomo_id"], solution["Has motor"]))

@@ -200,10 +200,18 @@ def dark_spots(volume: np.ndarray, sigma: float, count: int,
     peaks = find_peaks(darkness, (radius, radius, radius), top_k=4 * count + 4)
     scale = np.array([zf, height / small_hw[0], width / small_hw[1]])
     centres = (peaks[:, :3] + 0.5) * scale - 0.5  # small voxel centre -> model voxels
-    if avoid is not None and len(avoid) and avoid_radius > 0:
-        gap = np.linalg.norm(centres[:, None, :] - np.asarray(avoid, float)[None], axis=2)
-        centres = centres[(gap > avoid_radius).all(axis=1)]
+    if avoid is not None:
+        centres = far_from(centres, avoid, avoid_radius)
     return centres[:count]
+
+
+def far_from(centres: np.ndarray, points: np.ndarray, radius: float) -> np.ndarray:
+    """The ``centres`` ``(n, 3)`` farther than ``radius`` from every one of ``points``."""
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+    if len(points) == 0 or len(centres) == 0 or radius <= 0:
+        return centres
+    gap = np.linalg.norm(centres[:, None, :] - points[None], axis=2)
+    return centres[(gap > radius).all(axis=1)]
 
 
 class StackSampler:

@@ -47,7 +47,7 @@ from .infer import Predictor, decode_peaks, model_input, pick_device
 from .peaks import find_peaks, nms_radius_voxels
 from .preprocess import CacheEntry, build_cache
 from .resample import heatmap_frame
-from .sampling import Augment, SampleSpec, StackSampler, dark_spots
+from .sampling import Augment, SampleSpec, StackSampler, dark_spots, far_from
 from .stacks import stack_offsets
 from .threshold import apply_threshold, sweep_thresholds
 from .tomogram import TomogramError
@@ -184,11 +184,7 @@ def mine_false_peaks(model: HeatmapModel, cfg: PipelineConfig, volumes: dict[str
     for tomo_id, volume in volumes.items():
         peaks = find_peaks(predictor.heatmap(volume), radius, top_k=count, min_score=min_score)
         centres = to_model.apply(peaks[:, :3]) if len(peaks) else np.zeros((0, 3))
-        own = np.asarray(motors.get(tomo_id, np.zeros((0, 3))), float).reshape(-1, 3)
-        if len(own) and len(centres):
-            gap = np.linalg.norm(centres[:, None] - own[None], axis=2)
-            centres = centres[(gap > avoid_radius).all(axis=1)]
-        found[tomo_id] = centres
+        found[tomo_id] = far_from(centres, motors.get(tomo_id, np.zeros((0, 3))), avoid_radius)
     model.train()
     return found
 
@@ -500,7 +496,6 @@ def train(data_root: str | os.PathLike, run_dir: str | os.PathLike,
                     for i in range(min(tcfg.mine_per_epoch, len(ids)))]
             mined.update(mine_false_peaks(eval_model, cfg, {t: volumes[t] for t in turn},
                                           train_motors, device, tcfg.val_batch_size))
-            model.train()
             sampler.set_hard_negatives(_merge_spots(hard, mined))
             row["hard_negatives"] = len(sampler.hard)
         history.append(row)
