@@ -95,6 +95,14 @@ def main() -> int:
     parser.add_argument("--crop", type=int, default=TrainConfig().crop)
     parser.add_argument("--hard-negative-fraction", type=float,
                         default=TrainConfig().hard_negative_fraction)
+    parser.add_argument("--encoder", default=PipelineConfig().encoder,
+                        help="timm encoder of the model (random init)")
+    parser.add_argument("--z-stride", type=int, default=PipelineConfig().z_stride,
+                        help="run the model on every k-th model slice (validation and test)")
+    parser.add_argument("--stack-half", type=int, default=PipelineConfig().stack_half,
+                        help="n: 2n + 1 slices per 2.5D stack")
+    parser.add_argument("--z-sampling", default=PipelineConfig().z_sampling,
+                        choices=("area", "nearest"), help="z resampling of every volume")
     parser.add_argument("--workdir", type=Path, default=ROOT / "_work")
     parser.add_argument("--keep-data", action="store_true", help="reuse a generated set")
     parser.add_argument("--no-write", action="store_true", help="don't append to RESULTS.md")
@@ -102,7 +110,9 @@ def main() -> int:
 
     work = args.workdir
     data = work / f"synthetic_{args.seed}_{args.n_train}_{args.n_test}"
-    run_dir = work / f"run_{args.loss}_{args.target_spacing:g}A"
+    tag = (f"{args.encoder}_{args.loss}_{args.target_spacing:g}A_{args.z_sampling}"
+           f"_zs{args.z_stride}_sh{args.stack_half}")
+    run_dir = work / f"run_{tag}"
     if not args.keep_data and data.exists():
         shutil.rmtree(data)
     if run_dir.exists():
@@ -113,7 +123,9 @@ def main() -> int:
         generate_dataset(data, n_train=args.n_train, n_test=args.n_test, seed=args.seed)
     gen_seconds = time.perf_counter() - started
 
-    cfg = PipelineConfig(target_spacing=args.target_spacing)
+    cfg = PipelineConfig(target_spacing=args.target_spacing, encoder=args.encoder,
+                         z_stride=args.z_stride, z_sampling=args.z_sampling,
+                         stack_half=args.stack_half)
     tcfg = TrainConfig(fold=0, n_folds=5, epochs=1000, steps_per_epoch=args.steps_per_epoch,
                        max_minutes=args.minutes, seed=args.seed, loss=args.loss,
                        crop=args.crop, hard_negative_fraction=args.hard_negative_fraction,
@@ -186,11 +198,15 @@ def main() -> int:
         f"- Command: `.venv/bin/python bench/accuracy.py --minutes {args.minutes:g} "
         f"--n-train {args.n_train} --n-test {args.n_test} --seed {args.seed} --loss {args.loss} "
         f"--steps-per-epoch {args.steps_per_epoch} --target-spacing {args.target_spacing:g} "
-        f"--crop {args.crop} --hard-negative-fraction {args.hard_negative_fraction:g}`",
+        f"--crop {args.crop} --hard-negative-fraction {args.hard_negative_fraction:g} "
+        f"--encoder {args.encoder} --z-stride {args.z_stride} --z-sampling {args.z_sampling} "
+        f"--stack-half {args.stack_half}`",
         f"- Data: fresh synthetic set, seed {args.seed}, {args.n_train} train / {args.n_test} "
         f"test tomograms ({int(solution['Has motor'].sum())} test motors), generated in "
         f"{gen_seconds:.0f} s",
-        f"- Training: {cfg.encoder} at {cfg.target_spacing:g} A/voxel, crop {args.crop}, "
+        f"- Training: {cfg.encoder} at {cfg.target_spacing:g} A/voxel, z sampling "
+        f"{cfg.z_sampling}, z stride {cfg.z_stride}, {cfg.in_chans}-slice stacks, "
+        f"crop {args.crop}, "
         f"loss {args.loss}, hard-negative fraction {args.hard_negative_fraction:g}, "
         f"{result.epochs_done} epochs "
         f"({int(metrics['step'].max())} steps), stopped by {result.stopped_by}, "
@@ -208,7 +224,7 @@ def main() -> int:
                      f"{r['tp']} | {r['fp']} | {r['fn']} |")
     text = "\n".join(line for line in lines if line is not None) + "\n"
     print(text)
-    (work / f"accuracy_{args.loss}_{args.target_spacing:g}A.json").write_text(json.dumps(rows, indent=1))
+    (work / f"accuracy_{tag}.json").write_text(json.dumps(rows, indent=1))
     if not args.no_write:
         results = ROOT / "RESULTS.md"
         previous = results.read_text() if results.is_file() else "# Benchmark results\n\n"

@@ -49,7 +49,7 @@ from kernel_lib.infer import Predictor, decode_peaks, model_input
 from kernel_lib.model import build_model, pad_to_multiple
 from kernel_lib.normalize import normalize, percentile_bounds
 from kernel_lib.preprocess import preprocess_tomogram
-from kernel_lib.resample import resample_to_spacing, resize_depth_inplace, target_shape
+from kernel_lib.resample import resample_to_spacing, resize_depth_inplace, target_shape, z_sources
 from kernel_lib.stacks import iter_stack_batches, stack_offsets
 from kernel_lib.synthetic import render_tomogram, write_tomogram
 from kernel_lib.tomogram import (choose_reduction, list_slices, read_tomogram, reduced_size,
@@ -113,6 +113,14 @@ def machine_line() -> str:
 def load_line() -> str:
     one, five, _ = os.getloadavg()
     return f"{one:.1f} (1 min) / {five:.1f} (5 min) on {os.cpu_count()} cores"
+
+
+def bench_config(target: float, args: argparse.Namespace) -> PipelineConfig:
+    """The config benchmarked: the defaults, with the spacing and the command line's model,
+    z sampling and z stride."""
+    return PipelineConfig(target_spacing=target, assumed_test_spacing=args.source_spacing,
+                          encoder=args.encoder, z_sampling=args.z_sampling,
+                          z_stride=args.z_stride)
 
 
 def default_model(cfg: PipelineConfig) -> nn.Module:
@@ -180,7 +188,7 @@ class Stage:
 
 def bench_one(folder: Path, target: float, args: argparse.Namespace) -> dict:
     """All stages of one tomogram at one target spacing; ratios against the baseline decode."""
-    cfg = PipelineConfig(target_spacing=target, assumed_test_spacing=args.source_spacing)
+    cfg = bench_config(target, args)
     paths = list_slices(folder)
     spacing = args.source_spacing
     reduction = choose_reduction(spacing, target)
@@ -188,6 +196,7 @@ def bench_one(folder: Path, target: float, args: argparse.Namespace) -> dict:
     decoded = (len(paths),) + reduced_size(stored, reduction)
     decoded_spacing = (spacing, spacing * reduction, spacing * reduction)
     shape = target_shape(decoded, decoded_spacing, target)
+    sources = z_sources(decoded[0], shape[0], cfg.z_sampling)  # None: every slice, z resize
     predictor = Predictor([default_model(cfg)], cfg, "cpu", batch_size=args.batch_size)
     offsets = stack_offsets(cfg.stack_half, cfg.stack_step_slices)
     n_stacks = math.ceil(shape[0] / cfg.z_stride)
@@ -215,14 +224,19 @@ def bench_one(folder: Path, target: float, args: argparse.Namespace) -> dict:
             stages[name].add(wall, cpu, base_wall, base_cpu)
 
         add("baseline decode", base_wall, base_cpu)
-        buffer = np.empty((max(decoded[0], shape[0]),) + shape[1:], np.uint8)
-        wall, cpu, _ = timed(read_tomogram, folder, reduction, plane_shape=shape[1:], out=buffer)
+        depth = decoded[0] if sources is None else len(sources)
+        buffer = np.empty((max(depth, shape[0]),) + shape[1:], np.uint8)
+        wall, cpu, _ = timed(read_tomogram, folder, reduction, plane_shape=shape[1:], out=buffer,
+                             z_select=sources)
         add("reader (threads, in-plane resize)", wall, cpu)
         read_copy = buffer.copy()
-        wall, cpu, _ = timed(read_tomogram, folder, reduction)
+        wall, cpu, _ = timed(read_tomogram, folder, reduction, z_select=sources)
         add("reader, decode only (no resize)", wall, cpu)
-        wall, cpu, volume = timed(resize_depth_inplace, buffer, decoded[0], shape[0])
-        add("z resize (in place)", wall, cpu)
+        if sources is None:
+            wall, cpu, volume = timed(resize_depth_inplace, buffer, decoded[0], shape[0])
+            add("z resize (in place)", wall, cpu)
+        else:  # nearest-slice z sampling: the reader already read one slice per model slice
+            volume = buffer[:shape[0]]
         wall, cpu, _ = timed(np.percentile, volume, (cfg.percentile_low, cfg.percentile_high))
         add("np.percentile, volume", wall, cpu)
         if repeat == 0 or not args.fast_percentile:
@@ -254,6 +268,9 @@ def bench_one(folder: Path, target: float, args: argparse.Namespace) -> dict:
         print(f"  repeat {repeat + 1}/{args.repeats}: baseline {base_wall:.2f} s, "
               f"preprocess {stages['preprocess total (streaming)'].wall[-1]:.2f} s, "
               f"load {load_line()}", flush=True)
+    if sources is not None:
+        for name in ("reader (threads, in-plane resize)", "reader, decode only (no resize)"):
+            stages[name].note = f"{len(sources)} of {decoded[0]} slices (nearest z)"
     if forward_stacks < n_stacks:
         stages["model forward"].note = (f"first {forward_stacks} of {n_stacks} stacks, "
                                         f"extrapolated")
@@ -275,7 +292,7 @@ def plain_preprocess(folder: Path, spacing: float, cfg: PipelineConfig) -> np.nd
     reduction = choose_reduction(spacing, cfg.target_spacing)
     raw = read_tomogram(folder, reduction)
     volume, _ = resample_to_spacing(raw, (spacing, spacing * reduction, spacing * reduction),
-                                    cfg.target_spacing)
+                                    cfg.target_spacing, cfg.z_sampling)
     del raw
     return normalize(volume, cfg.percentile_low, cfg.percentile_high, out="uint8")
 
@@ -293,7 +310,7 @@ def gather_stacks(volume: np.ndarray, offsets: np.ndarray, cfg: PipelineConfig,
 def end_to_end(folder: Path, target: float, args: argparse.Namespace) -> tuple[float, float]:
     """One real tomogram through preprocess -> full forward -> peaks, with a baseline decode
     right before it: ``(seconds, ratio)``."""
-    cfg = PipelineConfig(target_spacing=target, assumed_test_spacing=args.source_spacing)
+    cfg = bench_config(target, args)
     predictor = Predictor([default_model(cfg)], cfg, "cpu", batch_size=args.batch_size)
     predictor.heatmap(np.zeros((cfg.z_stride, 64, 64), np.uint8))
     paths = list_slices(folder)
@@ -316,7 +333,7 @@ def accelerator_throughput(folder: Path, target: float, args: argparse.Namespace
     from kernel_lib.model import save_checkpoint
 
     device = args.accelerator
-    cfg = PipelineConfig(target_spacing=target, assumed_test_spacing=args.source_spacing)
+    cfg = bench_config(target, args)
     model = default_model(cfg)
     prep_wall, _, prep = timed(preprocess_tomogram, folder, args.source_spacing, cfg)
     lines = [f"#### Accelerator ({device}): {folder.name} at {target:g} A", "",
@@ -367,10 +384,10 @@ def _sync(device: str) -> None:
 
 # --- peak memory in a fresh process -----------------------------------------------------------
 
-def rss_child(folder: Path, target: float, mode: str, batch_size: int, real_batches: int,
-              spacing: float) -> dict:
+def rss_child(folder: Path, cfg: PipelineConfig, mode: str, batch_size: int,
+              real_batches: int) -> dict:
     """Peak RSS of one tomogram's whole inference (run as ``--_rss-child``)."""
-    cfg = PipelineConfig(target_spacing=target, assumed_test_spacing=spacing)
+    target, spacing = cfg.target_spacing, cfg.assumed_test_spacing
     model = FirstBatchesOnly(default_model(cfg), real_batches)
     predictor = Predictor([model], cfg, "cpu", batch_size=batch_size)
     before = vm_hwm()
@@ -382,7 +399,7 @@ def rss_child(folder: Path, target: float, mode: str, batch_size: int, real_batc
         raw = read_tomogram(folder, reduction)
         shape = raw.shape
         volume, frame = resample_to_spacing(raw, (spacing, spacing * reduction,
-                                                  spacing * reduction), target)
+                                                  spacing * reduction), target, cfg.z_sampling)
         del raw
         volume = normalize(volume, cfg.percentile_low, cfg.percentile_high, out="uint8")
     after_prep = vm_hwm()
@@ -402,11 +419,11 @@ def vm_hwm() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure_rss(folder: Path, target: float, mode: str, batch_size: int, real_batches: int,
-                source_spacing: float) -> dict:
+def measure_rss(folder: Path, cfg: PipelineConfig, mode: str, batch_size: int,
+                real_batches: int) -> dict:
     """Run :func:`rss_child` in a fresh interpreter and return its numbers."""
     command = [sys.executable, str(Path(__file__).resolve()), "--_rss-child", str(folder),
-               str(target), mode, str(batch_size), str(real_batches), str(source_spacing)]
+               json.dumps(cfg.to_dict()), mode, str(batch_size), str(real_batches)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"RSS child failed ({done.returncode}): {done.stderr[-2000:]}")
@@ -453,7 +470,9 @@ def verdicts(results: list[dict], e2e: dict, rss: dict, args: argparse.Namespace
             f"{stages['peak decoding'].ratio:.3f}x. The threaded reader alone is {read:.2f}x "
             f"(decode without "
             f"the resize {decode_only:.2f}x), the z resize "
-            f"{stages['z resize (in place)'].ratio:.2f}x, the histogram + look-up table "
+            + (f"{stages['z resize (in place)'].ratio:.2f}x" if stages['z resize (in place)'].wall
+               else "none (nearest z: the reader read one slice per model slice)")
+            + f", the histogram + look-up table "
             f"{normalise:.2f}x (np.percentile alone: "
             f"{stages['np.percentile, volume'].ratio:.2f}x per volume); "
             f"the plain path it replaces was "
@@ -534,10 +553,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work", type=Path, default=ROOT / "_work" / "speed")
     parser.add_argument("--out-md", type=Path, default=ROOT / "RESULTS.md")
     parser.add_argument("--no-write", action="store_true", help="print, don't append")
-    parser.add_argument("--_rss-child", nargs=6, default=None, help=argparse.SUPPRESS)
+    defaults = PipelineConfig()
+    parser.add_argument("--encoder", default=defaults.encoder, help="timm encoder of the model")
+    parser.add_argument("--z-sampling", default=defaults.z_sampling, choices=("area", "nearest"))
+    parser.add_argument("--z-stride", type=int, default=defaults.z_stride)
+    parser.add_argument("--_rss-child", nargs=5, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.repeats < 1 or args.batch_size < 1 or args.forward_stacks < 0:
-        parser.error("--repeats and --batch-size must be >= 1, --forward-stacks >= 0")
+    if args.repeats < 1 or args.batch_size < 1 or args.forward_stacks < 0 or args.z_stride < 1:
+        parser.error("--repeats, --batch-size and --z-stride must be >= 1, --forward-stacks >= 0")
     try:
         args.sizes = [tuple(int(n) for n in s.lower().split("x")) for s in args.sizes]
     except ValueError:
@@ -548,9 +571,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args._rss_child:
-        folder, target, mode, batch, real, spacing = args._rss_child
-        print(json.dumps(rss_child(Path(folder), float(target), mode, int(batch), int(real),
-                                   float(spacing))))
+        folder, cfg_json, mode, batch, real = args._rss_child
+        print(json.dumps(rss_child(Path(folder), PipelineConfig.from_dict(json.loads(cfg_json)),
+                                   mode, int(batch), int(real))))
         return 0
     torch.set_grad_enabled(False)
     started = time.perf_counter()
@@ -594,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
                          + (f"CPU forward at batch {batch}" if real else
                             "data path only (model activations off the host, as on a GPU)"))
                 print(f"peak RSS: {label}", flush=True)
-                rss[label] = measure_rss(folder, target, mode, batch, real, args.source_spacing)
+                rss[label] = measure_rss(folder, bench_config(target, args), mode, batch, real)
     accelerator = []
     if args.accelerator:
         for (depth, h, w), folder in folders.items():
@@ -614,8 +637,9 @@ def main(argv: list[str] | None = None) -> int:
             f"machine: compare ratios, not seconds)",
             f"- Command: `{command}` ({(time.perf_counter() - started) / 60:.1f} min)",
             f"- Data: fast-mode synthetic JPEG slices, quality {args.jpeg_quality}, source "
-            f"spacing {args.source_spacing} A; default model ({PipelineConfig().encoder}, "
-            f"random init), batch {args.batch_size}, channels_last, CPU "
+            f"spacing {args.source_spacing} A; model {args.encoder} (random init), z sampling "
+            f"{args.z_sampling}, z stride {args.z_stride}, batch {args.batch_size}, "
+            f"channels_last, CPU "
             f"({torch.get_num_threads()} torch threads).",
             f"- Baseline: `cv2.imread(path, IMREAD_GRAYSCALE)` of every slice, one thread, in "
             f"order, timed in every repeat right before the stages it is compared with; ratios "

@@ -81,6 +81,9 @@ class PipelineConfig:
         percentile_low: lower clip percentile of the intensity normalisation.
         percentile_high: upper clip percentile of the intensity normalisation.
         normalize_per: ``"volume"`` or ``"slice"`` percentile statistics.
+        z_sampling: how z shrinks to the target spacing: ``"area"`` averages the source slices
+            (every slice is decoded); ``"nearest"`` takes the nearest source slice for each
+            model slice, so only those are decoded (about half of them at 32 A).
         stack_half: n, so a 2.5D stack has ``2n + 1`` channels.
         stack_step_angstrom: distance between neighbouring channels of a stack, in angstroms.
         encoder: any timm CNN name that supports ``features_only``.
@@ -98,6 +101,7 @@ class PipelineConfig:
     percentile_low: float = 2.0
     percentile_high: float = 98.0
     normalize_per: str = "volume"
+    z_sampling: str = "area"
     stack_half: int = 1
     stack_step_angstrom: float = 32.0
     encoder: str = "resnet18"
@@ -122,6 +126,8 @@ class PipelineConfig:
              f"(got {self.percentile_low}, {self.percentile_high})"),
             (self.normalize_per in ("volume", "slice"),
              f"normalize_per must be 'volume' or 'slice' (got {self.normalize_per!r})"),
+            (self.z_sampling in ("area", "nearest"),
+             f"z_sampling must be 'area' or 'nearest' (got {self.z_sampling!r})"),
             (self.stack_half >= 0, f"stack_half must be >= 0 (got {self.stack_half})"),
             (self.stack_step_angstrom > 0,
              f"stack_step_angstrom must be > 0 (got {self.stack_step_angstrom})"),

@@ -338,7 +338,8 @@ def load_ensemble(weights: Sequence[str | os.PathLike], device: torch.device | s
         models.append(model)
         configs.append(cfg)
     shared = ("target_spacing", "assumed_test_spacing", "percentile_low", "percentile_high",
-              "normalize_per", "stack_half", "stack_step_angstrom", "output_stride", "z_stride")
+              "normalize_per", "z_sampling", "stack_half", "stack_step_angstrom",
+              "output_stride", "z_stride")
     for run_dir, cfg in zip(weights[1:], configs[1:]):
         differs = [name for name in shared if getattr(cfg, name) != getattr(configs[0], name)]
         if differs:

@@ -31,12 +31,13 @@ from tqdm.auto import tqdm
 from .config import PipelineConfig, atomic_write_bytes, atomic_write_text
 from .normalize import normalize
 from .resample import (Frame, decode_frame, resample_to_spacing, resize_depth_inplace,
-                       target_shape)
+                       target_shape, z_sources)
 from .tomogram import (ReadReport, choose_reduction, list_slices, read_tomogram, reduced_size,
                        slice_positions, stored_slice_shape)
 
 MANIFEST_NAME = "manifest.json"
-_PREPROCESSING_FIELDS = ("target_spacing", "percentile_low", "percentile_high", "normalize_per")
+_PREPROCESSING_FIELDS = ("target_spacing", "percentile_low", "percentile_high", "normalize_per",
+                         "z_sampling")
 CACHE_FORMAT = 1
 
 
@@ -65,8 +66,9 @@ def preprocess_tomogram(folder: str | os.PathLike, source_spacing: float,
 
     JPEG slices take the streaming path: the headers give the stored size, each reader thread
     resizes its slice in-plane as soon as it is decoded, the z resize and the normalisation run
-    in place, so the only volume ever held is one at the model's resolution (``uint8``). The
-    result is identical to reading the whole volume, then resampling, then normalising, which
+    in place, so the only volume ever held is one at the model's resolution (``uint8``). With
+    ``cfg.z_sampling == "nearest"`` only the source slices nearest to the model slices are
+    decoded and there is no z resize at all. The result is identical to reading the whole volume, then resampling, then normalising, which
     is what other slice formats still do.
     """
     reduction = choose_reduction(source_spacing, cfg.target_spacing)
@@ -78,11 +80,14 @@ def preprocess_tomogram(folder: str | os.PathLike, source_spacing: float,
         decoded = (depth,) + reduced_size(stored, reduction)
         decoded_spacing = (source_spacing, source_spacing * reduction, source_spacing * reduction)
         shape = target_shape(decoded, decoded_spacing, cfg.target_spacing)
-        buffer = np.empty((max(depth, shape[0]),) + shape[1:], dtype=np.uint8)
+        sources = z_sources(depth, shape[0], cfg.z_sampling)  # None: every slice is blended
+        buffer = np.empty((max(depth, shape[0]) if sources is None else shape[0],) + shape[1:],
+                          dtype=np.uint8)
         read_tomogram(folder, reduction=reduction, workers=workers, report=report,
-                      plane_shape=shape[1:], out=buffer)
+                      plane_shape=shape[1:], out=buffer, z_select=sources)
         if report.decoded_shape == decoded[1:]:  # else the headers lied: take the slow path
-            volume = resize_depth_inplace(buffer, depth, shape[0])
+            volume = (resize_depth_inplace(buffer, depth, shape[0]) if sources is None
+                      else buffer)
             volume = normalize(volume, cfg.percentile_low, cfg.percentile_high,
                                per_slice=cfg.normalize_per == "slice", out="uint8",
                                overwrite=True)
@@ -95,7 +100,8 @@ def preprocess_tomogram(folder: str | os.PathLike, source_spacing: float,
     # The reduced decode has ceil(n / r) pixels per row; recover the stored size for the frame.
     original_shape = (raw.shape[0],) + tuple(_stored_size(folder, raw.shape[1:], reduction))
     decoded_spacing = (source_spacing, source_spacing * reduction, source_spacing * reduction)
-    volume, resize = resample_to_spacing(raw, decoded_spacing, cfg.target_spacing)
+    volume, resize = resample_to_spacing(raw, decoded_spacing, cfg.target_spacing,
+                                         cfg.z_sampling)
     del raw
     volume = normalize(volume, cfg.percentile_low, cfg.percentile_high,
                        per_slice=cfg.normalize_per == "slice", out="uint8")

@@ -107,12 +107,49 @@ def target_shape(shape: tuple[int, int, int], source_spacing: float | tuple[floa
     return tuple(max(1, int(round(n * s / target_spacing))) for n, s in zip(shape, spacing))
 
 
-def resize_volume(volume: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+Z_SAMPLINGS = ("area", "nearest")
+
+
+def nearest_slices(depth_in: int, depth_out: int) -> np.ndarray:
+    """For each of ``depth_out`` slices, the index of the ``depth_in`` slice nearest to its
+    centre (pixel-centre convention, the lower one on a tie), so the map keeps
+    :meth:`Frame.resize`'s frame to within half a source slice.
+
+    Example:
+        >>> nearest_slices(10, 4).tolist()
+        [1, 3, 6, 8]
+    """
+    if depth_in < 1 or depth_out < 1:
+        raise ValueError(f"depths must be >= 1 (got {depth_in}, {depth_out})")
+    centres = (np.arange(depth_out) + 0.5) * (depth_in / depth_out) - 0.5
+    return np.clip(np.ceil(centres - 0.5), 0, depth_in - 1).astype(np.int64)
+
+
+def z_sources(depth_in: int, depth_out: int, z_sampling: str = "area") -> np.ndarray | None:
+    """Source slices a z resize reads, or None when it reads (and blends) all of them.
+
+    ``"area"`` averages (shrinking) or interpolates (enlarging) along z; ``"nearest"`` takes the
+    nearest source slice per output slice when z shrinks, so only those need decoding (it
+    interpolates like ``"area"`` when z grows).
+    """
+    if z_sampling not in Z_SAMPLINGS:
+        raise ValueError(f"z_sampling must be one of {Z_SAMPLINGS} (got {z_sampling!r})")
+    if z_sampling == "nearest" and depth_out < depth_in:
+        return nearest_slices(depth_in, depth_out)
+    return None
+
+
+def resize_volume(volume: np.ndarray, shape: tuple[int, int, int],
+                  z_sampling: str = "area") -> np.ndarray:
     """Resize a ``(z, y, x)`` volume to ``shape``: area averaging when shrinking, linear when
-    enlarging; in-plane slice by slice, then along z. Keeps the dtype."""
+    enlarging; in-plane slice by slice, then along z (or picking the nearest slices first when
+    ``z_sampling="nearest"`` and z shrinks, see :func:`z_sources`). Keeps the dtype."""
     if volume.ndim != 3:
         raise ValueError(f"resize_volume needs a (z, y, x) volume (got shape {volume.shape})")
     z, y, x = shape
+    sources = z_sources(volume.shape[0], z, z_sampling)
+    if sources is not None:
+        volume = volume[sources]
     if (y, x) != volume.shape[1:]:
         planes = np.empty((volume.shape[0], y, x), dtype=volume.dtype)
         for i in range(volume.shape[0]):
@@ -191,16 +228,18 @@ def _interpolation(source_size: int, target_size: int) -> int:
 
 
 def resample_to_spacing(volume: np.ndarray, source_spacing: float | tuple[float, float, float],
-                        target_spacing: float) -> tuple[np.ndarray, Frame]:
+                        target_spacing: float, z_sampling: str = "area",
+                        ) -> tuple[np.ndarray, Frame]:
     """Resample a volume to an isotropic ``target_spacing``.
 
     Args:
         volume: ``(z, y, x)`` array as read.
         source_spacing: angstroms per voxel of ``volume`` (one value or per axis).
         target_spacing: angstroms per voxel wanted.
+        z_sampling: ``"area"`` or ``"nearest"`` (see :func:`z_sources`).
 
     Returns:
         The resampled volume and the frame from ``volume``'s voxels to its voxels.
     """
     shape = target_shape(volume.shape, source_spacing, target_spacing)
-    return resize_volume(volume, shape), Frame.resize(volume.shape, shape)
+    return resize_volume(volume, shape, z_sampling), Frame.resize(volume.shape, shape)

@@ -23,6 +23,7 @@ import os
 import re
 import warnings
 from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -262,7 +263,8 @@ def _fit(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 def read_tomogram(folder: str | os.PathLike, reduction: int = 1, workers: int | None = None,
                   report: ReadReport | None = None, plane_shape: tuple[int, int] | None = None,
-                  out: np.ndarray | None = None) -> np.ndarray:
+                  out: np.ndarray | None = None,
+                  z_select: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
     """Read a tomogram folder into a ``uint8`` array ``(z, y, x)``.
 
     Args:
@@ -275,14 +277,18 @@ def read_tomogram(folder: str | os.PathLike, reduction: int = 1, workers: int | 
             when growing), so the decoded full-size volume never exists. None keeps the size.
         out: optional C-contiguous ``uint8`` buffer ``(n >= depth, height, width)`` to decode
             into (e.g. with spare slices for :func:`~kernel_lib.resample.resize_depth_inplace`).
+        z_select: read only these z positions (indices into the full depth, see
+            :func:`slice_positions`), in this order; slice i of the result is position
+            ``z_select[i]``. Only their files are decoded. None reads every position.
 
     Returns:
-        The volume (``out[:depth]`` when ``out`` is given); slice i of it is the i-th slice
-        number in order. A gap in the numbering is filled with the nearest slice so z indices
-        keep their meaning.
+        The volume (``out[:n]`` when ``out`` is given); slice i of it is the i-th slice
+        number in order (or ``z_select[i]``). A gap in the numbering or an unreadable slice is
+        filled with the nearest readable slice, so z indices keep their meaning.
 
     Raises:
         TomogramError: the folder is missing, empty, or no slice in it can be decoded.
+        ValueError: a ``z_select`` position is outside the tomogram's depth.
     """
     folder = Path(folder)
     paths = list_slices(folder)
@@ -290,6 +296,8 @@ def read_tomogram(folder: str | os.PathLike, reduction: int = 1, workers: int | 
     report.folder, report.reduction = folder, reduction
     workers = workers or min(8, os.cpu_count() or 1)
     depth, z_of = slice_positions(paths)
+    wanted = _wanted_positions(z_select, depth, folder)
+    jobs = _plan_decodes(np.asarray(z_of, dtype=np.int64), wanted)
     # With a resize or a buffer, the JPEG headers tell the decoded size up front, so each
     # thread can resize its slice straight into place.
     expected = None
@@ -298,32 +306,59 @@ def read_tomogram(folder: str | os.PathLike, reduction: int = 1, workers: int | 
         expected = reduced_size(stored, reduction) if stored is not None else None
     volume = None
     if expected is not None:
-        volume = _volume_buffer(out, depth, tuple(plane_shape or expected), folder)
-        images = _decode_all(paths, reduction, workers, expected, volume, z_of)
+        volume = _volume_buffer(out, len(wanted), tuple(plane_shape or expected), folder)
+        images = _decode_all(paths, jobs, reduction, workers, expected, volume)
+        jobs, images = _probe_size_if_none_read(paths, z_of, wanted, jobs, images, reduction)
         if _common_shape(images, expected, folder) != expected:  # headers disagree: decode again
-            images = _decode_all(paths, reduction, workers)
+            images = _decode_all(paths, jobs, reduction, workers)
     else:
-        images = _decode_all(paths, reduction, workers)
+        images = _decode_all(paths, jobs, reduction, workers)
+        jobs, images = _probe_size_if_none_read(paths, z_of, wanted, jobs, images, reduction)
     shape = _common_shape(images, expected, folder)
     if volume is None or shape != expected:
-        volume = _volume_buffer(out, depth, tuple(plane_shape or shape), folder)
-    filled = np.zeros(depth, dtype=bool)
-    for i, image in enumerate(images):
-        if image is None:
-            report.replaced.append(z_of[i])
-            continue
+        volume = _volume_buffer(out, len(wanted), tuple(plane_shape or shape), folder)
+    source = np.full(len(wanted), -1, dtype=np.int64)  # file index each row was filled from
+    bad: set[int] = set()
+
+    def place(i: int, image, row: int) -> None:
         if image is not _DONE:
             if image.shape != shape:
                 report.resized.append(z_of[i])
                 image = _fit(image, shape)
-            _resize_plane(image, volume.shape[1:], out=volume[z_of[i]])
-        filled[z_of[i]] = True
-    report.gaps = [z for z in range(depth) if not filled[z] and z not in report.replaced]
-    if not filled.all():
-        good_z = np.flatnonzero(filled)
-        for z in np.flatnonzero(~filled):
-            volume[z] = volume[good_z[np.argmin(np.abs(good_z - z))]]
-    report.n_slices, report.decoded_shape = depth, shape
+            _resize_plane(image, volume.shape[1:], out=volume[row])
+
+    filled_from: dict[int, int] = {}  # file index -> a row that holds it
+    for (i, rows), image in zip(jobs, images):
+        if image is None:
+            bad.add(i)
+            continue
+        if not rows:  # only decoded to learn the size; the fallback below decodes it again
+            continue
+        place(i, image, rows[0])
+        for row in rows[1:]:
+            volume[row] = volume[rows[0]]
+        source[rows] = i
+        filled_from[i] = rows[0]
+    # Rows whose file failed: the nearest readable file (decoded now if it was not selected).
+    for row in np.flatnonzero(source < 0):
+        for i in np.argsort(np.abs(np.asarray(z_of) - wanted[row]), kind="stable").tolist():
+            if i in bad:
+                continue
+            if i in filled_from:
+                volume[row] = volume[filled_from[i]]
+            else:
+                image = decode_slice(paths[i], reduction)
+                if image is None:
+                    bad.add(i)
+                    continue
+                place(i, image, row)
+                filled_from[i] = int(row)
+            source[row] = i
+            break
+    present = set(z_of)
+    report.replaced = sorted({z_of[i] for i in bad} & set(wanted.tolist()))
+    report.gaps = sorted({int(z) for z in wanted} - present)
+    report.n_slices, report.decoded_shape = len(wanted), shape
     if report.repaired:
         warnings.warn(
             f"{folder}: repaired {len(report.replaced)} unreadable, {len(report.gaps)} missing and "
@@ -336,21 +371,62 @@ def read_tomogram(folder: str | os.PathLike, reduction: int = 1, workers: int | 
 _DONE = object()  # a slice already decoded and resized into the volume by its thread
 
 
-def _decode_all(paths: list[Path], reduction: int, workers: int,
-                expected: tuple[int, int] | None = None, volume: np.ndarray | None = None,
-                z_of: list[int] | None = None) -> list:
-    """Decode every slice in threads: a slice of the ``expected`` size goes straight into
-    ``volume`` (resized) and is returned as ``_DONE``; others come back as arrays (None when
-    unreadable)."""
-    def work(i: int):
+def _wanted_positions(z_select, depth: int, folder: Path) -> np.ndarray:
+    if z_select is None:
+        return np.arange(depth, dtype=np.int64)
+    wanted = np.asarray(z_select, dtype=np.int64).reshape(-1)
+    if wanted.size == 0 or wanted.min() < 0 or wanted.max() >= depth:
+        raise ValueError(f"z_select must hold positions in [0, {depth}) for {folder} "
+                         f"(got {wanted.size} positions, range "
+                         f"{wanted.min() if wanted.size else None}..."
+                         f"{wanted.max() if wanted.size else None})")
+    return wanted
+
+
+def _plan_decodes(z_of: np.ndarray, wanted: np.ndarray) -> list[tuple[int, list[int]]]:
+    """``(file index, output rows)`` pairs: each wanted position takes the file at that z, or
+    the nearest file (the lower one on a tie) when the numbering has a gap there; each file is
+    decoded once."""
+    right = np.clip(np.searchsorted(z_of, wanted), 0, len(z_of) - 1)
+    left = np.clip(right - 1, 0, len(z_of) - 1)
+    nearest = np.where(np.abs(z_of[left] - wanted) <= np.abs(z_of[right] - wanted), left, right)
+    rows: dict[int, list[int]] = {}
+    for row, i in enumerate(nearest.tolist()):
+        rows.setdefault(i, []).append(row)
+    return list(rows.items())
+
+
+def _probe_size_if_none_read(paths: list[Path], z_of: list[int], wanted: np.ndarray,
+                             jobs: list[tuple[int, list[int]]], images: list, reduction: int,
+                             ) -> tuple[list, list]:
+    """When every selected slice is unreadable, decode the nearest readable other slice (as a
+    job without rows) so the slice size is known; its rows are filled by the fallback."""
+    if any(image is not None for image in images) or len(jobs) == len(paths):
+        return jobs, images
+    chosen = {i for i, _ in jobs}
+    for i in np.argsort(np.abs(np.asarray(z_of) - wanted[0]), kind="stable").tolist():
+        image = None if i in chosen else decode_slice(paths[i], reduction)
+        if image is not None:
+            return jobs + [(i, [])], images + [image]
+    return jobs, images
+
+
+def _decode_all(paths: list[Path], jobs: list[tuple[int, list[int]]], reduction: int,
+                workers: int, expected: tuple[int, int] | None = None,
+                volume: np.ndarray | None = None) -> list:
+    """Decode the planned slices in threads: a slice of the ``expected`` size goes straight
+    into ``volume`` (resized, at its first row) and is returned as ``_DONE``; others come back
+    as arrays (None when unreadable)."""
+    def work(job: tuple[int, list[int]]):
+        i, rows = job
         image = decode_slice(paths[i], reduction)
         if expected is None or image is None or image.shape != expected:
             return image
-        _resize_plane(image, volume.shape[1:], out=volume[z_of[i]])
+        _resize_plane(image, volume.shape[1:], out=volume[rows[0]])
         return _DONE
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(work, range(len(paths))))
+        return list(pool.map(work, jobs))
 
 
 def _common_shape(images: list, expected: tuple[int, int] | None,

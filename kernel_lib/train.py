@@ -577,6 +577,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stack-half", type=int, default=pdefaults.stack_half)
     parser.add_argument("--output-stride", type=int, default=pdefaults.output_stride)
     parser.add_argument("--z-stride", type=int, default=pdefaults.z_stride)
+    parser.add_argument("--z-sampling", choices=("area", "nearest"), default=pdefaults.z_sampling,
+                        help="z resampling: average every slice, or read the nearest slice per "
+                             "model slice (decodes about half the slices at 32 A)")
     parser.add_argument("--no-resume", action="store_true", help="ignore RUN_DIR/last.pt")
     parser.add_argument("--no-progress", action="store_true")
     return parser
@@ -596,7 +599,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = PipelineConfig(encoder=args.encoder, target_spacing=args.target_spacing,
                              assumed_test_spacing=args.assumed_test_spacing,
                              stack_half=args.stack_half, output_stride=args.output_stride,
-                             z_stride=args.z_stride)
+                             z_stride=args.z_stride, z_sampling=args.z_sampling)
         tcfg = TrainConfig(fold=fold, n_folds=args.n_folds, epochs=args.epochs,
                            steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
                            crop=args.crop, lr=args.lr, loss=args.loss, pos_weight=args.pos_weight,

@@ -30,6 +30,7 @@ def test_derived_values():
     ("normalize_per", "tile", "normalize_per"),
     ("output_stride", 3, "output_stride"),
     ("z_stride", 0, "z_stride"),
+    ("z_sampling", "cubic", "z_sampling"),
 ])
 def test_bad_values_are_named(field, value, needle):
     with pytest.raises(ConfigError, match=needle):
@@ -86,3 +87,13 @@ def test_atomic_write_honours_umask(tmp_path):
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "x.csv").stat().st_mode) == 0o644
     assert (tmp_path / "x.csv").read_text() == "a\n"
+
+
+def test_preprocessing_settings_name_their_cache():
+    from kernel_lib.preprocess import preprocessing_key
+
+    base = PipelineConfig()
+    assert preprocessing_key(base) == preprocessing_key(base.replace(z_stride=4, encoder="x"))
+    for change in ({"z_sampling": "nearest" if base.z_sampling == "area" else "area"},
+                   {"target_spacing": 16.0}, {"normalize_per": "slice"}):
+        assert preprocessing_key(base.replace(**change)) != preprocessing_key(base), change

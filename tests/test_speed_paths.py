@@ -21,8 +21,8 @@ from kernel_lib.infer import Predictor, TomogramPrefetcher
 from kernel_lib.model import build_model
 from kernel_lib.normalize import histogram_uint8, normalize
 from kernel_lib.preprocess import preprocess_tomogram
-from kernel_lib.resample import (decode_frame, resample_to_spacing, resize_depth_inplace,
-                                 resize_plane, resize_volume)
+from kernel_lib.resample import (Frame, decode_frame, nearest_slices, resample_to_spacing,
+                                 resize_depth_inplace, resize_plane, resize_volume, z_sources)
 from kernel_lib.tomogram import (ReadReport, SliceWarning, choose_reduction, jpeg_size,
                                  list_slices, read_tomogram, reduced_size, stored_slice_shape)
 
@@ -46,7 +46,8 @@ def _plain_preprocess(folder, spacing, cfg):
     reduction = choose_reduction(spacing, cfg.target_spacing)
     raw = read_tomogram(folder, reduction=reduction)
     volume, frame = resample_to_spacing(raw, (spacing, spacing * reduction,
-                                              spacing * reduction), cfg.target_spacing)
+                                              spacing * reduction), cfg.target_spacing,
+                                        cfg.z_sampling)
     volume = normalize(volume, cfg.percentile_low, cfg.percentile_high,
                        per_slice=cfg.normalize_per == "slice", out="uint8")
     return volume, decode_frame(reduction).then(frame)
@@ -116,6 +117,100 @@ def test_repairs_are_the_same_with_a_plane_resize(tmp_path):
     np.testing.assert_array_equal(got, resize_volume(full, (14, 40, 50)))
 
 
+# --- reading only some slices --------------------------------------------------------------
+
+def _damaged_folder(tmp_path):
+    volume = _volume(depth=16)
+    folder = _write(tmp_path / "t", volume)
+    (folder / "slice_0003.jpg").write_bytes(b"not an image")  # unreadable
+    (folder / "slice_0004.jpg").write_bytes(b"\xff\xd8 cut short")  # unreadable too
+    (folder / "slice_0009.jpg").unlink()  # a gap in the numbering
+    cv2.imwrite(str(folder / "slice_0012.jpg"), volume[12][:60, :80])  # wrongly sized
+    return folder
+
+
+@pytest.mark.parametrize("plane", [None, (40, 50)])
+@pytest.mark.parametrize("select", [[0, 2, 5, 7], [3, 9, 12, 15], [4, 4, 1, 9, 9], [9], [3]])
+def test_read_selected_positions_equals_rows_of_the_full_read(tmp_path, plane, select):
+    folder = _damaged_folder(tmp_path)
+    with pytest.warns(SliceWarning):
+        full = read_tomogram(folder, plane_shape=plane)
+    report = ReadReport(folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SliceWarning)
+        got = read_tomogram(folder, plane_shape=plane, z_select=select, report=report)
+    np.testing.assert_array_equal(got, full[select])
+    assert report.n_slices == len(select)
+    assert set(report.gaps) == {9} & set(select)
+    assert set(report.replaced) == {3, 4} & set(select)
+
+
+def test_read_selected_decodes_only_what_it_needs(tmp_path, monkeypatch):
+    import kernel_lib.tomogram as tomogram
+
+    folder = _write(tmp_path / "t", _volume(depth=20))
+    decoded = []
+    real = tomogram.decode_slice
+    monkeypatch.setattr(tomogram, "decode_slice",
+                        lambda path, reduction=1: decoded.append(path.name) or real(path, reduction))
+    buffer = np.empty((5, 40, 50), np.uint8)
+    got = read_tomogram(folder, plane_shape=(40, 50), out=buffer, z_select=[1, 5, 9, 13, 17])
+    assert sorted(decoded) == [f"slice_{z:04d}.jpg" for z in (1, 5, 9, 13, 17)]
+    assert np.shares_memory(got, buffer)
+
+
+def test_read_selected_falls_back_to_the_nearest_readable_slice_outside_the_selection(tmp_path):
+    volume = _volume(depth=10)
+    folder = _write(tmp_path / "t", volume)
+    (folder / "slice_0004.jpg").write_bytes(b"not an image")
+    with pytest.warns(SliceWarning, match="1 unreadable"):
+        got = read_tomogram(folder, z_select=[4, 8])
+    np.testing.assert_array_equal(got[0], read_tomogram(folder, z_select=[3])[0])
+
+
+def test_read_selected_rejects_positions_outside_the_depth(tmp_path):
+    folder = _write(tmp_path / "t", _volume(depth=6))
+    for bad in ([6], [-1], []):
+        with pytest.raises(ValueError, match="z_select must hold positions in \\[0, 6\\)"):
+            read_tomogram(folder, z_select=bad)
+
+
+# --- nearest-slice z sampling ---------------------------------------------------------------
+
+@pytest.mark.parametrize("depth_in,depth_out", [(300, 146), (800, 390), (10, 4), (7, 7), (5, 9),
+                                                (21, 20), (1, 1)])
+def test_nearest_slices_are_within_half_a_slice_of_the_frame(depth_in, depth_out):
+    frame = Frame.resize((depth_in, 1, 1), (depth_out, 1, 1))
+    exact = frame.inverse().apply(np.c_[np.arange(depth_out), np.zeros((depth_out, 2))])[:, 0]
+    got = nearest_slices(depth_in, depth_out)
+    distance = np.abs(np.arange(depth_in)[None, :] - exact[:, None]).min(axis=1)
+    np.testing.assert_allclose(np.abs(got - exact), distance, atol=1e-9)  # the nearest slice
+    assert np.all(np.abs(got - np.clip(exact, 0, depth_in - 1)) <= 0.5 + 1e-9)
+    assert np.all(np.diff(got) >= 0) and got.min() >= 0 and got.max() < depth_in
+    sources = z_sources(depth_in, depth_out, "nearest")
+    if depth_out < depth_in:  # shrinking picks slices; growing interpolates as "area" does
+        np.testing.assert_array_equal(sources, got)
+    else:
+        assert sources is None
+    assert z_sources(depth_in, depth_out, "area") is None
+    with pytest.raises(ValueError, match="z_sampling"):
+        z_sources(depth_in, depth_out, "cubic")
+
+
+def test_nearest_z_resample_picks_whole_slices_and_keeps_the_frame():
+    depth = 31
+    ramp = np.broadcast_to(np.arange(depth, dtype=np.uint8)[:, None, None] * 8,
+                           (depth, 12, 14)).copy()
+    out, frame = resample_to_spacing(ramp, 15.6, 32.0, z_sampling="nearest")
+    assert out.shape == (15, 6, 7)
+    values = out[:, 3, 3] / 8  # each model slice is one source slice, untouched
+    np.testing.assert_array_equal(values, np.round(values))
+    centres = frame.inverse().apply(np.c_[np.arange(15), np.full(15, 3.0), np.full(15, 3.0)])
+    assert np.all(np.abs(values - centres[:, 0]) <= 0.5 + 1e-9)  # original -> model round trip
+    area, area_frame = resample_to_spacing(ramp, 15.6, 32.0)
+    assert area_frame == frame and not np.array_equal(area, out)
+
+
 # --- resampling in place -------------------------------------------------------------------
 
 @pytest.mark.parametrize("depth_out", [5, 13, 14, 23])
@@ -166,11 +261,15 @@ def test_normalize_overwrite_equals_a_new_array(per_slice):
 
 # --- the whole preprocessing ----------------------------------------------------------------
 
-@pytest.mark.parametrize("spacing,target,per", [(15.6, 16.0, "volume"), (15.6, 32.0, "volume"),
-                                                (19.7, 16.0, "slice"), (6.5, 16.0, "volume")])
-def test_streaming_preprocess_is_identical_to_the_plain_path(tmp_path, spacing, target, per):
+@pytest.mark.parametrize("spacing,target,per,z_sampling", [
+    (15.6, 16.0, "volume", "area"), (15.6, 32.0, "volume", "area"),
+    (19.7, 16.0, "slice", "area"), (6.5, 16.0, "volume", "area"),
+    (15.6, 32.0, "volume", "nearest"), (19.7, 32.0, "slice", "nearest"),
+    (6.5, 16.0, "volume", "nearest"), (32.0, 16.0, "volume", "nearest")])
+def test_streaming_preprocess_is_identical_to_the_plain_path(tmp_path, spacing, target, per,
+                                                             z_sampling):
     folder = _write(tmp_path / "t", _volume(depth=21, h=150, w=131))
-    cfg = PipelineConfig(target_spacing=target, normalize_per=per)
+    cfg = PipelineConfig(target_spacing=target, normalize_per=per, z_sampling=z_sampling)
     prep = preprocess_tomogram(folder, spacing, cfg)
     volume, frame = _plain_preprocess(folder, spacing, cfg)
     np.testing.assert_array_equal(prep.volume, volume)
