@@ -88,7 +88,10 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--n-train", type=int, default=40)
     parser.add_argument("--n-test", type=int, default=30)
-    parser.add_argument("--seed", type=int, default=2026)
+    parser.add_argument("--seed", type=int, default=2026, help="seed of the synthetic set")
+    parser.add_argument("--train-seed", type=int, default=None,
+                        help="seed of training (default: --seed); another one on the same set "
+                             "measures run-to-run noise")
     parser.add_argument("--loss", default="bce", choices=("bce", "focal"))
     parser.add_argument("--steps-per-epoch", type=int, default=150)
     parser.add_argument("--target-spacing", type=float, default=PipelineConfig().target_spacing)
@@ -109,9 +112,10 @@ def main() -> int:
     args = parser.parse_args()
 
     work = args.workdir
+    train_seed = args.seed if args.train_seed is None else args.train_seed
     data = work / f"synthetic_{args.seed}_{args.n_train}_{args.n_test}"
     tag = (f"{args.encoder}_{args.loss}_{args.target_spacing:g}A_{args.z_sampling}"
-           f"_zs{args.z_stride}_sh{args.stack_half}")
+           f"_zs{args.z_stride}_sh{args.stack_half}_s{train_seed}")
     run_dir = work / f"run_{tag}"
     if not args.keep_data and data.exists():
         shutil.rmtree(data)
@@ -119,7 +123,8 @@ def main() -> int:
         shutil.rmtree(run_dir)
     shutil.rmtree(work / "cache", ignore_errors=True)
     started = time.perf_counter()
-    if not (data / "test_labels.csv").is_file():
+    generated = not (data / "test_labels.csv").is_file()
+    if generated:
         generate_dataset(data, n_train=args.n_train, n_test=args.n_test, seed=args.seed)
     gen_seconds = time.perf_counter() - started
 
@@ -127,7 +132,7 @@ def main() -> int:
                          z_stride=args.z_stride, z_sampling=args.z_sampling,
                          stack_half=args.stack_half)
     tcfg = TrainConfig(fold=0, n_folds=5, epochs=1000, steps_per_epoch=args.steps_per_epoch,
-                       max_minutes=args.minutes, seed=args.seed, loss=args.loss,
+                       max_minutes=args.minutes, seed=train_seed, loss=args.loss,
                        crop=args.crop, hard_negative_fraction=args.hard_negative_fraction,
                        cache_dir=str(work / "cache"))
     t0 = time.perf_counter()
@@ -200,10 +205,12 @@ def main() -> int:
         f"--steps-per-epoch {args.steps_per_epoch} --target-spacing {args.target_spacing:g} "
         f"--crop {args.crop} --hard-negative-fraction {args.hard_negative_fraction:g} "
         f"--encoder {args.encoder} --z-stride {args.z_stride} --z-sampling {args.z_sampling} "
-        f"--stack-half {args.stack_half}`",
-        f"- Data: fresh synthetic set, seed {args.seed}, {args.n_train} train / {args.n_test} "
-        f"test tomograms ({int(solution['Has motor'].sum())} test motors), generated in "
-        f"{gen_seconds:.0f} s",
+        f"--stack-half {args.stack_half} --train-seed {train_seed}"
+        f"{' --keep-data' if args.keep_data else ''}`",
+        f"- Data: synthetic set, seed {args.seed}, {args.n_train} train / {args.n_test} "
+        f"test tomograms ({int(solution['Has motor'].sum())} test motors), "
+        + (f"generated in {gen_seconds:.0f} s" if generated else
+           "the one an earlier run generated (--keep-data)"),
         f"- Training: {cfg.encoder} at {cfg.target_spacing:g} A/voxel, z sampling "
         f"{cfg.z_sampling}, z stride {cfg.z_stride}, {cfg.in_chans}-slice stacks, "
         f"crop {args.crop}, "

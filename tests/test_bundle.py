@@ -338,7 +338,7 @@ INFERENCE = """
 import json, torch, kernel_lib, timm
 from kernel_lib.config import PipelineConfig
 from kernel_lib.model import build_model
-cfg = PipelineConfig(encoder="resnet18")
+cfg = PipelineConfig()  # the default encoder, from the bundled timm
 torch.manual_seed(0)
 model = build_model(cfg).eval()
 with torch.inference_mode():

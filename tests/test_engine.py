@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from kernel_lib.config import PipelineConfig
-from kernel_lib.infer import run_inference
+from kernel_lib.infer import InferenceError, run_inference
 from kernel_lib.labels import read_sample_submission, read_submission
 from kernel_lib.synthetic import generate_dataset
 from kernel_lib.train import TrainConfig, train
@@ -135,6 +135,32 @@ def test_cli_errors_exit_2(tmp_path):
     done = _run("kernel_lib.train", "--data-root", str(tmp_path), "--out", str(tmp_path / "r"),
                 "--crop", "50")
     assert done.returncode == 2
+    done = _run("kernel_lib.train", "--data-root", str(tmp_path), "--out", str(tmp_path / "r"),
+                "--z-sampling", "cubic")
+    assert done.returncode == 2 and "--z-sampling" in done.stderr and "nearest" in done.stderr
+
+
+@pytest.mark.slow
+def test_the_other_z_sampling_trains_caches_apart_and_predicts(tiny, trained, tmp_path):
+    from kernel_lib.train import build_parser
+
+    default = PipelineConfig().z_sampling
+    other = "area" if default == "nearest" else "nearest"
+    args = build_parser().parse_args(["--data-root", "d", "--out", "o", "--z-sampling", other])
+    assert args.z_sampling == other
+    run_dir = tmp_path / "run"
+    cache = trained.parent / "cache"  # shared with the default run: must not be reused
+    train(tiny, run_dir, PipelineConfig(decoder_channels=(32, 16), z_sampling=other),
+          TrainConfig(epochs=1, steps_per_epoch=2, batch_size=2, crop=64, n_folds=3, seed=1,
+                      cache_dir=str(cache)), progress=False)
+    assert PipelineConfig.load(run_dir).z_sampling == other
+    settings = {json.loads(m.read_text())["settings"]["z_sampling"]
+                for m in cache.glob("prep_*/manifest.json")}
+    assert settings == {"area", "nearest"}
+    table = run_inference(tiny, [run_dir], threshold="fixed:0.0", progress=False)
+    assert table["error"].is_null().all() and (table["Motor axis 0"] >= 0).all()
+    with pytest.raises(InferenceError, match="z_sampling"):  # an ensemble must preprocess alike
+        run_inference(tiny, [run_dir, trained], progress=False)
 
 
 def test_train_is_deterministic_on_cpu(tiny, tmp_path):

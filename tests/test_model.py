@@ -38,30 +38,37 @@ def test_unknown_encoder_and_bad_stride():
         build_model(PipelineConfig(encoder="convnext_atto", output_stride=2))
 
 
-def test_encoder_loads_local_timm_weights(tmp_path):
+@pytest.mark.parametrize("encoder,stem,inner", [
+    ("resnet18", "conv1", "layer1.0.conv1"),
+    ("mobilenetv4_conv_small", "conv_stem", "blocks.1.0.conv")])
+def test_encoder_loads_local_timm_weights(tmp_path, encoder, stem, inner):
     """A timm RGB checkpoint on disk is adapted to 2n+1 input slices; no download."""
-    reference = timm.create_model("resnet18", pretrained=False)
-    path = tmp_path / "resnet18.pth"
+    reference = timm.create_model(encoder, pretrained=False)
+    path = tmp_path / f"{encoder}.pth"
     torch.save(reference.state_dict(), path)
-    model = build_model(PipelineConfig(stack_half=2), encoder_weights=path)
-    loaded = model.encoder.layer1[0].conv1.weight
-    assert torch.equal(loaded, reference.layer1[0].conv1.weight)
-    assert model.encoder.conv1.weight.shape[1] == 5
+    model = build_model(PipelineConfig(encoder=encoder, stack_half=2), encoder_weights=path)
+    loaded = model.encoder.get_submodule(inner).weight
+    assert torch.equal(loaded, reference.get_submodule(inner).weight)
+    assert model.encoder.get_submodule(stem).weight.shape[1] == 5
     with pytest.raises(ModelError, match="does not exist"):
-        build_model(PipelineConfig(), encoder_weights=tmp_path / "missing.pth")
+        build_model(PipelineConfig(encoder=encoder), encoder_weights=tmp_path / "missing.pth")
 
 
 def test_checkpoint_round_trip(tmp_path):
     cfg = PipelineConfig(decoder_channels=(16, 8))
     model = build_model(cfg)
-    for p in model.parameters():
-        p.data.normal_()
+    torch.manual_seed(0)
+    for p in model.parameters():  # move every weight off its initial value
+        p.data.add_(0.05 * torch.randn_like(p))
     save_checkpoint(model, cfg, tmp_path)
     loaded, loaded_cfg = load_checkpoint(tmp_path)
     assert loaded_cfg == cfg
     x = torch.randn(1, 3, 64, 64)
     model.eval()
-    assert torch.allclose(loaded(x), model(x))
+    expected = model(x)
+    assert torch.isfinite(expected).all() and expected.std() > 0
+    assert torch.allclose(loaded(x), expected)
+    assert not torch.allclose(build_model(cfg).eval()(x), expected)  # not just the init
 
 
 def test_checkpoint_errors(tmp_path):
