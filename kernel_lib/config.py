@@ -81,22 +81,22 @@ class PipelineConfig:
         percentile_low: lower clip percentile of the intensity normalisation.
         percentile_high: upper clip percentile of the intensity normalisation.
         normalize_per: ``"volume"`` or ``"slice"`` percentile statistics.
-        z_sampling: how z shrinks to the target spacing: ``"nearest"`` (default) takes the
-            nearest source slice for each model slice, so only those are decoded (about half of
-            them at 32 A: the data path then takes 0.4x a plain decode instead of 0.7-0.8x);
-            ``"area"`` averages (and decodes) every source slice.
+        z_sampling: how z shrinks to the target spacing: ``"area"`` (default) averages every
+            source slice; ``"nearest"`` takes the nearest source slice for each model slice, so
+            only those are decoded (about half of them at 32 A: the data path takes 0.4x a
+            plain decode instead of 0.7-0.8x, at a measured accuracy cost with resnet18; see
+            bench/RESULTS.md).
         stack_half: n, so a 2.5D stack has ``2n + 1`` channels.
         stack_step_angstrom: distance between neighbouring channels of a stack, in angstroms.
-        encoder: any timm CNN name that supports ``features_only``. ``mobilenetv4_conv_small``
-            by default: about 5x cheaper per stack than ``resnet18`` on a CPU, so 10 CPU minutes
-            train about 1.7x more steps, and it scored as well or better on the accuracy
-            benchmark (bench/RESULTS.md); ``resnet18`` is the heavier alternative.
+        encoder: any timm CNN name that supports ``features_only``. ``resnet18`` by default;
+            ``mobilenetv4_conv_small`` is about 5x cheaper per stack on a CPU (with
+            ``z_sampling="nearest"`` and ``z_stride=3`` it meets the CPU speed targets) but
+            ranked tomograms less well on the benchmarks (bench/RESULTS.md).
         decoder_channels: width of the decoder stages, deepest first.
         output_stride: heatmap pixels are this many model voxels wide (in y and x).
         sigma_angstrom: Gaussian sigma of the target heatmap.
         nms_radius_angstrom: peaks closer than this are merged by max-pool NMS.
-        z_stride: run the model on every k-th model slice at inference (3: every 96 A at 32 A,
-            a fifth of a motor's height, so no motor falls between two stacks).
+        z_stride: run the model on every k-th model slice at inference.
         threshold: the rule chosen on validation (saved with the weights).
         version: schema version of this file; loading another version fails clearly.
     """
@@ -106,15 +106,15 @@ class PipelineConfig:
     percentile_low: float = 2.0
     percentile_high: float = 98.0
     normalize_per: str = "volume"
-    z_sampling: str = "nearest"
+    z_sampling: str = "area"
     stack_half: int = 1
     stack_step_angstrom: float = 32.0
-    encoder: str = "mobilenetv4_conv_small"
+    encoder: str = "resnet18"
     decoder_channels: tuple[int, ...] = (128, 64, 32)
     output_stride: int = 4
     sigma_angstrom: float = 200.0
     nms_radius_angstrom: float = 600.0
-    z_stride: int = 3
+    z_stride: int = 2
     threshold: ThresholdRule = field(default_factory=ThresholdRule)
     version: int = CONFIG_VERSION
 
