@@ -68,8 +68,8 @@ def preprocess_tomogram(folder: str | os.PathLike, source_spacing: float,
     resizes its slice in-plane as soon as it is decoded, the z resize and the normalisation run
     in place, so the only volume ever held is one at the model's resolution (``uint8``). With
     ``cfg.z_sampling == "nearest"`` only the source slices nearest to the model slices are
-    decoded and there is no z resize at all. The result is identical to reading the whole volume, then resampling, then normalising, which
-    is what other slice formats still do.
+    decoded and there is no z resize at all. The result is identical to reading the whole
+    volume, then resampling, then normalising, which is what other slice formats still do.
     """
     reduction = choose_reduction(source_spacing, cfg.target_spacing)
     report = ReadReport(Path(folder))
