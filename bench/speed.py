@@ -49,7 +49,8 @@ from kernel_lib.infer import Predictor, decode_peaks, model_input
 from kernel_lib.model import build_model, pad_to_multiple
 from kernel_lib.normalize import normalize, percentile_bounds
 from kernel_lib.preprocess import preprocess_tomogram
-from kernel_lib.resample import resample_to_spacing, resize_depth_inplace, target_shape, z_sources
+from kernel_lib.resample import (resample_to_spacing, resize_depth_inplace, target_shape,
+                                 z_sources)
 from kernel_lib.stacks import iter_stack_batches, stack_offsets
 from kernel_lib.synthetic import render_tomogram, write_tomogram
 from kernel_lib.tomogram import (choose_reduction, list_slices, read_tomogram, reduced_size,
