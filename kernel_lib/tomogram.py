@@ -275,8 +275,9 @@ def read_tomogram(folder: str | os.PathLike, reduction: int = 1, workers: int | 
         plane_shape: resize every decoded slice to this ``(height, width)`` inside the decoding
             threads (as :func:`~kernel_lib.resample.resize_plane`: area when shrinking, linear
             when growing), so the decoded full-size volume never exists. None keeps the size.
-        out: optional C-contiguous ``uint8`` buffer ``(n >= depth, height, width)`` to decode
-            into (e.g. with spare slices for :func:`~kernel_lib.resample.resize_depth_inplace`).
+        out: optional C-contiguous ``uint8`` buffer ``(n, height, width)`` to decode into, with
+            ``n`` at least the depth (or ``len(z_select)``); e.g. with spare slices for
+            :func:`~kernel_lib.resample.resize_depth_inplace`.
         z_select: read only these z positions (indices into the full depth, see
             :func:`slice_positions`), in this order; slice i of the result is position
             ``z_select[i]``. Only their files are decoded. None reads every position.
