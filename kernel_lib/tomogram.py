@@ -297,8 +297,9 @@ def read_tomogram(folder: str | os.PathLike, reduction: int = 1, workers: int | 
     report.folder, report.reduction = folder, reduction
     workers = workers or min(8, os.cpu_count() or 1)
     depth, z_of = slice_positions(paths)
+    z_files = np.asarray(z_of, dtype=np.int64)
     wanted = _wanted_positions(z_select, depth, folder)
-    jobs = _plan_decodes(np.asarray(z_of, dtype=np.int64), wanted)
+    jobs = _plan_decodes(z_files, wanted)
     # With a resize or a buffer, the JPEG headers tell the decoded size up front, so each
     # thread can resize its slice straight into place.
     expected = None
@@ -309,16 +310,16 @@ def read_tomogram(folder: str | os.PathLike, reduction: int = 1, workers: int | 
     if expected is not None:
         volume = _volume_buffer(out, len(wanted), tuple(plane_shape or expected), folder)
         images = _decode_all(paths, jobs, reduction, workers, expected, volume)
-        jobs, images = _probe_size_if_none_read(paths, z_of, wanted, jobs, images, reduction)
+        jobs, images = _probe_size_if_none_read(paths, z_files, wanted, jobs, images, reduction)
         if _common_shape(images, expected, folder) != expected:  # headers disagree: decode again
             images = _decode_all(paths, jobs, reduction, workers)
     else:
         images = _decode_all(paths, jobs, reduction, workers)
-        jobs, images = _probe_size_if_none_read(paths, z_of, wanted, jobs, images, reduction)
+        jobs, images = _probe_size_if_none_read(paths, z_files, wanted, jobs, images, reduction)
     shape = _common_shape(images, expected, folder)
     if volume is None or shape != expected:
         volume = _volume_buffer(out, len(wanted), tuple(plane_shape or shape), folder)
-    source = np.full(len(wanted), -1, dtype=np.int64)  # file index each row was filled from
+    filled = np.zeros(len(wanted), dtype=bool)
     bad: set[int] = set()
 
     def place(i: int, image, row: int) -> None:
@@ -338,11 +339,11 @@ def read_tomogram(folder: str | os.PathLike, reduction: int = 1, workers: int | 
         place(i, image, rows[0])
         for row in rows[1:]:
             volume[row] = volume[rows[0]]
-        source[rows] = i
+        filled[rows] = True
         filled_from[i] = rows[0]
     # Rows whose file failed: the nearest readable file (decoded now if it was not selected).
-    for row in np.flatnonzero(source < 0):
-        for i in np.argsort(np.abs(np.asarray(z_of) - wanted[row]), kind="stable").tolist():
+    for row in np.flatnonzero(~filled):
+        for i in _nearest_first(z_files, wanted[row]):
             if i in bad:
                 continue
             if i in filled_from:
@@ -354,11 +355,10 @@ def read_tomogram(folder: str | os.PathLike, reduction: int = 1, workers: int | 
                     continue
                 place(i, image, row)
                 filled_from[i] = int(row)
-            source[row] = i
+            filled[row] = True
             break
-    present = set(z_of)
     report.replaced = sorted({z_of[i] for i in bad} & set(wanted.tolist()))
-    report.gaps = sorted({int(z) for z in wanted} - present)
+    report.gaps = sorted(set(wanted.tolist()) - set(z_of))
     report.n_slices, report.decoded_shape = len(wanted), shape
     if report.repaired:
         warnings.warn(
@@ -384,20 +384,26 @@ def _wanted_positions(z_select, depth: int, folder: Path) -> np.ndarray:
     return wanted
 
 
-def _plan_decodes(z_of: np.ndarray, wanted: np.ndarray) -> list[tuple[int, list[int]]]:
+def _plan_decodes(z_files: np.ndarray, wanted: np.ndarray) -> list[tuple[int, list[int]]]:
     """``(file index, output rows)`` pairs: each wanted position takes the file at that z, or
     the nearest file (the lower one on a tie) when the numbering has a gap there; each file is
     decoded once."""
-    right = np.clip(np.searchsorted(z_of, wanted), 0, len(z_of) - 1)
-    left = np.clip(right - 1, 0, len(z_of) - 1)
-    nearest = np.where(np.abs(z_of[left] - wanted) <= np.abs(z_of[right] - wanted), left, right)
+    right = np.clip(np.searchsorted(z_files, wanted), 0, len(z_files) - 1)
+    left = np.clip(right - 1, 0, len(z_files) - 1)
+    nearest = np.where(np.abs(z_files[left] - wanted) <= np.abs(z_files[right] - wanted),
+                       left, right)
     rows: dict[int, list[int]] = {}
     for row, i in enumerate(nearest.tolist()):
         rows.setdefault(i, []).append(row)
     return list(rows.items())
 
 
-def _probe_size_if_none_read(paths: list[Path], z_of: list[int], wanted: np.ndarray,
+def _nearest_first(z_files: np.ndarray, z: int) -> list[int]:
+    """File indices ordered by the distance of their z from ``z`` (the lower z on a tie)."""
+    return np.argsort(np.abs(z_files - z), kind="stable").tolist()
+
+
+def _probe_size_if_none_read(paths: list[Path], z_files: np.ndarray, wanted: np.ndarray,
                              jobs: list[tuple[int, list[int]]], images: list, reduction: int,
                              ) -> tuple[list, list]:
     """When every selected slice is unreadable, decode the nearest readable other slice (as a
@@ -405,7 +411,7 @@ def _probe_size_if_none_read(paths: list[Path], z_of: list[int], wanted: np.ndar
     if any(image is not None for image in images) or len(jobs) == len(paths):
         return jobs, images
     chosen = {i for i, _ in jobs}
-    for i in np.argsort(np.abs(np.asarray(z_of) - wanted[0]), kind="stable").tolist():
+    for i in _nearest_first(z_files, wanted[0]):
         image = None if i in chosen else decode_slice(paths[i], reduction)
         if image is not None:
             return jobs + [(i, [])], images + [image]
