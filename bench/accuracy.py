@@ -30,7 +30,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from kernel_lib.config import PipelineConfig, ThresholdRule
+from kernel_lib.config import Z_SAMPLINGS, PipelineConfig, ThresholdRule
 from kernel_lib.infer import run_inference
 from kernel_lib.labels import (read_labels, read_sample_submission, read_solution,
                                submission_from_calls)
@@ -105,7 +105,7 @@ def main() -> int:
     parser.add_argument("--stack-half", type=int, default=PipelineConfig().stack_half,
                         help="n: 2n + 1 slices per 2.5D stack")
     parser.add_argument("--z-sampling", default=PipelineConfig().z_sampling,
-                        choices=("area", "nearest"), help="z resampling of every volume")
+                        choices=Z_SAMPLINGS, help="z resampling of every volume")
     parser.add_argument("--extra-test", type=int, default=0,
                         help="also score the model on this many more test tomograms (their own "
                              "set, seed --seed + 1): less test-sampling noise")

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from kernel_lib.config import PipelineConfig
+from kernel_lib.config import Z_SAMPLINGS, PipelineConfig
 from kernel_lib.infer import Predictor, decode_peaks, model_input
 from kernel_lib.model import build_model, pad_to_multiple
 from kernel_lib.normalize import normalize, percentile_bounds
@@ -556,7 +556,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-write", action="store_true", help="print, don't append")
     defaults = PipelineConfig()
     parser.add_argument("--encoder", default=defaults.encoder, help="timm encoder of the model")
-    parser.add_argument("--z-sampling", default=defaults.z_sampling, choices=("area", "nearest"))
+    parser.add_argument("--z-sampling", default=defaults.z_sampling, choices=Z_SAMPLINGS)
     parser.add_argument("--z-stride", type=int, default=defaults.z_stride)
     parser.add_argument("--_rss-child", nargs=5, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -24,6 +24,7 @@ from typing import Any
 
 CONFIG_VERSION = 1
 CONFIG_NAME = "config.json"
+Z_SAMPLINGS = ("area", "nearest")  # how z shrinks to the target spacing (see PipelineConfig)
 
 
 class ConfigError(ValueError):
@@ -131,8 +132,8 @@ class PipelineConfig:
              f"(got {self.percentile_low}, {self.percentile_high})"),
             (self.normalize_per in ("volume", "slice"),
              f"normalize_per must be 'volume' or 'slice' (got {self.normalize_per!r})"),
-            (self.z_sampling in ("area", "nearest"),
-             f"z_sampling must be 'area' or 'nearest' (got {self.z_sampling!r})"),
+            (self.z_sampling in Z_SAMPLINGS,
+             f"z_sampling must be one of {Z_SAMPLINGS} (got {self.z_sampling!r})"),
             (self.stack_half >= 0, f"stack_half must be >= 0 (got {self.stack_half})"),
             (self.stack_step_angstrom > 0,
              f"stack_step_angstrom must be > 0 (got {self.stack_step_angstrom})"),

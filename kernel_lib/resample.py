@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from .config import Z_SAMPLINGS
+
 # cv2.resize caps each side at SHRT_MAX for some interpolations; split wide z-resizes below it.
 _MAX_COLUMNS = 32000
 
@@ -105,9 +107,6 @@ def target_shape(shape: tuple[int, int, int], source_spacing: float | tuple[floa
     if np.any(spacing <= 0) or target_spacing <= 0:
         raise ValueError(f"spacings must be > 0 (got {source_spacing}, {target_spacing})")
     return tuple(max(1, int(round(n * s / target_spacing))) for n, s in zip(shape, spacing))
-
-
-Z_SAMPLINGS = ("area", "nearest")
 
 
 def nearest_slices(depth_in: int, depth_out: int) -> np.ndarray:

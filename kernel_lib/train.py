@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .config import ConfigError, PipelineConfig, atomic_write_bytes, atomic_write_text
+from .config import (Z_SAMPLINGS, ConfigError, PipelineConfig, atomic_write_bytes,
+                     atomic_write_text)
 from .labels import LabelError, read_labels, submission_from_calls
 from .metric import score, solution_for_submission
 from .model import HeatmapModel, ModelError, build_model, check_encoder_name, save_checkpoint
@@ -577,7 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stack-half", type=int, default=pdefaults.stack_half)
     parser.add_argument("--output-stride", type=int, default=pdefaults.output_stride)
     parser.add_argument("--z-stride", type=int, default=pdefaults.z_stride)
-    parser.add_argument("--z-sampling", choices=("area", "nearest"), default=pdefaults.z_sampling,
+    parser.add_argument("--z-sampling", choices=Z_SAMPLINGS, default=pdefaults.z_sampling,
                         help="z resampling: average every slice, or read the nearest slice per "
                              "model slice (decodes about half the slices at 32 A)")
     parser.add_argument("--no-resume", action="store_true", help="ignore RUN_DIR/last.pt")
