@@ -75,6 +75,31 @@ def pick_device(name: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def autocast_dtype(device: torch.device | str) -> torch.dtype | None:
+    """The mixed-precision type ``device`` runs fast, or None (stay in float32).
+
+    float16 on CUDA (a T4 has no fast bfloat16); bfloat16 on a CPU with native bfloat16
+    instructions (AVX512-BF16 or AMX), where a training step of the default model takes
+    0.6-0.7x the float32 time and inference about 0.5x (bench/RESULTS.md); None on other CPUs,
+    which would emulate it.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.float16
+    if device.type == "cpu" and _cpu_has_bf16():
+        return torch.bfloat16
+    return None
+
+
+def _cpu_has_bf16() -> bool:
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    try:  # private probes of torch.cpu; a torch without them counts as "no"
+        return any(bool(getattr(torch.cpu, name)()) for name in checks
+                   if hasattr(torch.cpu, name))
+    except Exception:  # noqa: BLE001 - a failing probe must never stop a run
+        return False
+
+
 class Predictor:
     """Runs one or more models (flip TTA optional) over every 2.5D stack of a volume.
 
@@ -84,7 +109,8 @@ class Predictor:
         device: where to run.
         batch_size: stacks per forward pass.
         tta: also run the x-flipped and y-flipped stacks and average.
-        amp: fp16 autocast on CUDA.
+        amp: autocast to the device's fast mixed precision (:func:`autocast_dtype`: fp16 on
+            CUDA, bf16 on a CPU with native bf16, none elsewhere).
         channels_last: NHWC weights and inputs (faster convolutions on GPU tensor cores and
             on CPU alike; same results up to float rounding).
         compile: wrap each model in ``torch.compile`` (off by default: unmeasured on GPU, and
@@ -102,7 +128,7 @@ class Predictor:
         if compile:
             self.models = [torch.compile(m) for m in self.models]
         self.cfg, self.batch_size, self.tta = cfg, batch_size, tta
-        self.amp = amp and self.device.type == "cuda"
+        self.amp = amp
         self.offsets = stack_offsets(cfg.stack_half, cfg.stack_step_slices)
 
     @torch.inference_mode()
@@ -149,7 +175,6 @@ class Predictor:
                 warnings.warn("out of memory at batch size 1: moving the models to the CPU "
                               "(slow, but the tomogram is not lost)", stacklevel=3)
                 self.device = torch.device("cpu")
-                self.amp = False
                 self.models = [m.to(self.device) for m in self.models]
                 return self._predict(stacks)
             raise
@@ -157,7 +182,8 @@ class Predictor:
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         flips = [(), (-1,), (-2,)] if self.tta else [()]
         total = None
-        autocast = (torch.autocast(self.device.type, dtype=torch.float16) if self.amp
+        dtype = autocast_dtype(self.device) if self.amp else None  # follows a move to the CPU
+        autocast = (torch.autocast(self.device.type, dtype=dtype) if dtype is not None
                     else contextlib.nullcontext())
         with autocast:
             for model in self.models:
@@ -375,7 +401,7 @@ def run_inference(data_root: str | os.PathLike, weights: Sequence[str | os.PathL
                   progress: bool = True, predictor: Predictor | None = None,
                   deadline: Deadline | float | None = None,
                   reserve_seconds: float = DEFAULT_RESERVE_SECONDS, prefetch: int = 1,
-                  compile_model: bool = False) -> pl.DataFrame:
+                  compile_model: bool = False, amp: bool = True) -> pl.DataFrame:
     """Predict every tomogram of a split and write the submission.
 
     Args:
@@ -401,6 +427,8 @@ def run_inference(data_root: str | os.PathLike, weights: Sequence[str | os.PathL
         prefetch: tomograms read and preprocessed ahead in a background thread while the
             model runs (0: read in turn, in the main thread).
         compile_model: ``torch.compile`` the models (see :class:`Predictor`).
+        amp: mixed precision where the device runs it fast (see :func:`autocast_dtype`);
+            False keeps float32.
 
     Returns:
         A DataFrame with the submission columns plus ``score``, ``peak_z/y/x`` and ``error``
@@ -431,7 +459,7 @@ def run_inference(data_root: str | os.PathLike, weights: Sequence[str | os.PathL
         raise InferenceError(str(exc)) from None
     if predictor is None:
         predictor = Predictor(models, cfg, dev, batch_size=batch_size, tta=tta,
-                              compile=compile_model)
+                              amp=amp, compile=compile_model)
     predictor.cfg = cfg
     ids = list_test_tomograms(data_root, split)
     jobs = [(tomo_id, data_root / split / tomo_id,
@@ -518,6 +546,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="tomograms read ahead in a background thread (0: none)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the models (unmeasured on GPU; first batch compiles)")
+    parser.add_argument("--no-amp", action="store_true",
+                        help="predict in float32 (default: fp16 on CUDA, bf16 on a CPU that has "
+                             "it natively)")
     return parser
 
 
@@ -570,7 +601,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                               args.threshold, args.tta, args.batch_size, args.device,
                               z_stride=args.z_stride, progress=not args.no_progress,
                               deadline=deadline, reserve_seconds=args.reserve_seconds,
-                              prefetch=args.prefetch, compile_model=args.compile)
+                              prefetch=args.prefetch, compile_model=args.compile,
+                              amp=not args.no_amp)
     except (InferenceError, ConfigError, ModelError, LabelError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

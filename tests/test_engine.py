@@ -229,3 +229,73 @@ def test_checkpoint_choice_prefers_later_epochs_within_noise():
     assert not replaces_saved(0.85, 0.96, 8)  # a real drop keeps the earlier checkpoint
     assert not replaces_saved(0.93, 0.96, 130)  # 130 tomograms: 0.03 is four flips
     assert replaces_saved(0.96, 0.96, 130)  # ties go to the later epoch
+
+
+def test_autocast_dtype_follows_the_device(monkeypatch):
+    import kernel_lib.infer as infer
+
+    assert infer.autocast_dtype("cuda") == torch.float16  # T4: fp16, with loss scaling
+    monkeypatch.setattr(infer, "_cpu_has_bf16", lambda: True)
+    assert infer.autocast_dtype("cpu") == torch.bfloat16
+    monkeypatch.setattr(infer, "_cpu_has_bf16", lambda: False)
+    assert infer.autocast_dtype(torch.device("cpu")) is None  # emulated bf16 would be slower
+    assert infer.autocast_dtype("meta") is None
+
+
+def test_a_failing_bf16_probe_means_float32(monkeypatch):
+    import kernel_lib.infer as infer
+
+    def broken():
+        raise RuntimeError("probe failed")
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", broken, raising=False)
+    assert infer._cpu_has_bf16() is False
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert infer._cpu_has_bf16() is True
+
+
+@pytest.mark.parametrize("amp", [True, False])
+def test_training_runs_in_the_devices_fast_precision(tiny, tmp_path, monkeypatch, amp):
+    import kernel_lib.infer as infer
+    import kernel_lib.train as train_module
+
+    for module in (train_module, infer):  # as on a CPU with native bf16
+        monkeypatch.setattr(module, "autocast_dtype", lambda device: torch.bfloat16)
+    seen: list[torch.dtype] = []
+    real_build = train_module.build_model
+
+    def build(cfg, weights=None):
+        model = real_build(cfg, weights)
+        first_conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+        first_conv.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+        return model
+
+    monkeypatch.setattr(train_module, "build_model", build)
+    train(tiny, tmp_path / "run", PipelineConfig(decoder_channels=(16, 8)),
+          TrainConfig(fold=-1, epochs=1, steps_per_epoch=2, batch_size=2, crop=64, seed=5,
+                      ema_decay=0.0, mine_per_epoch=1, amp=amp,
+                      cache_dir=str(tmp_path / "cache")),
+          progress=False)
+    assert len(seen) > 2  # two training steps, then the mining pass over one tomogram
+    assert set(seen) == {torch.bfloat16 if amp else torch.float32}
+    assert np.isfinite(pl.read_csv(tmp_path / "run" / "metrics.csv")["train_loss"][0])
+
+
+@pytest.mark.parametrize("flag, expected", [([], True), (["--no-amp"], False)])
+def test_infer_cli_passes_the_precision_choice_to_the_predictor(tiny, trained, tmp_path,
+                                                                 monkeypatch, flag, expected):
+    import kernel_lib.infer as infer
+
+    seen = []
+    real_init = infer.Predictor.__init__
+
+    def init(self, *args, **kwargs):
+        seen.append(kwargs.get("amp", True))
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(infer.Predictor, "__init__", init)
+    code = infer.main(["--data-root", str(tiny), "--weights", str(trained), "--out",
+                       str(tmp_path / "sub.csv"), "--no-progress", "--device", "cpu", *flag])
+    assert code == 0 and seen == [expected]
+    assert read_submission(tmp_path / "sub.csv").height == len(
+        read_sample_submission(tiny / "sample_submission.csv"))

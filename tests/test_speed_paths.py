@@ -323,7 +323,32 @@ def test_channels_last_predictor_matches_contiguous():
     model = build_model(cfg)
     torch.nn.init.normal_(model.head.weight, std=0.1)  # the zero-initialised head hides layout
     volume = np.random.default_rng(3).integers(0, 256, (6, 70, 90), dtype=np.uint8)
-    heat_cl = Predictor([model], cfg, channels_last=True).heatmap(volume)
-    heat = Predictor([model], cfg, channels_last=False).heatmap(volume)
+    heat_cl = Predictor([model], cfg, channels_last=True, amp=False).heatmap(volume)
+    heat = Predictor([model], cfg, channels_last=False, amp=False).heatmap(volume)
     assert heat.std() > 0
     torch.testing.assert_close(heat_cl, heat, atol=1e-4, rtol=1e-4)
+
+
+def test_cpu_predictor_autocasts_to_bf16_where_native_and_stays_close(monkeypatch):
+    import kernel_lib.infer as infer
+
+    torch.manual_seed(0)
+    cfg = PipelineConfig(assumed_test_spacing=15.6)
+    model = build_model(cfg)
+    torch.nn.init.normal_(model.head.weight, std=0.1)
+    seen: list[torch.dtype] = []
+    first_conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    first_conv.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    volume = np.random.default_rng(3).integers(0, 256, (6, 70, 90), dtype=np.uint8)
+    monkeypatch.setattr(infer, "autocast_dtype", lambda device: torch.bfloat16)
+    fast = Predictor([model], cfg).heatmap(volume)
+    assert set(seen) == {torch.bfloat16}
+    seen.clear()
+    exact = Predictor([model], cfg, amp=False).heatmap(volume)
+    assert set(seen) == {torch.float32}
+    assert fast.dtype == exact.dtype == torch.float32 and exact.std() > 0
+    torch.testing.assert_close(fast, exact, atol=2e-2, rtol=0)  # bf16 keeps 8 bits
+    monkeypatch.setattr(infer, "autocast_dtype", lambda device: None)  # a CPU without bf16
+    seen.clear()
+    Predictor([model], cfg).heatmap(volume)
+    assert set(seen) == {torch.float32}
