@@ -98,6 +98,10 @@ def main() -> int:
     parser.add_argument("--crop", type=int, default=TrainConfig().crop)
     parser.add_argument("--hard-negative-fraction", type=float,
                         default=TrainConfig().hard_negative_fraction)
+    parser.add_argument("--positive-fraction", type=float,
+                        default=TrainConfig().positive_fraction)
+    parser.add_argument("--lr", type=float, default=TrainConfig().lr)
+    parser.add_argument("--batch-size", type=int, default=TrainConfig().batch_size)
     parser.add_argument("--encoder", default=PipelineConfig().encoder,
                         help="timm encoder of the model (random init)")
     parser.add_argument("--z-stride", type=int, default=PipelineConfig().z_stride,
@@ -118,7 +122,7 @@ def main() -> int:
     train_seed = args.seed if args.train_seed is None else args.train_seed
     data = work / f"synthetic_{args.seed}_{args.n_train}_{args.n_test}"
     tag = (f"{args.encoder}_{args.loss}_{args.target_spacing:g}A_{args.z_sampling}"
-           f"_zs{args.z_stride}_sh{args.stack_half}_s{train_seed}")
+           f"_zs{args.z_stride}_sh{args.stack_half}_n{args.n_train}_s{train_seed}")
     run_dir = work / f"run_{tag}"
     if not args.keep_data and data.exists():
         shutil.rmtree(data)
@@ -142,6 +146,8 @@ def main() -> int:
     tcfg = TrainConfig(fold=0, n_folds=5, epochs=1000, steps_per_epoch=args.steps_per_epoch,
                        max_minutes=args.minutes, seed=train_seed, loss=args.loss,
                        crop=args.crop, hard_negative_fraction=args.hard_negative_fraction,
+                       positive_fraction=args.positive_fraction, lr=args.lr,
+                       batch_size=args.batch_size,
                        cache_dir=str(work / "cache"))
     t0 = time.perf_counter()
     result = train(data, run_dir, cfg, tcfg, progress=False)
@@ -231,6 +237,8 @@ def main() -> int:
         f"--n-train {args.n_train} --n-test {args.n_test} --seed {args.seed} --loss {args.loss} "
         f"--steps-per-epoch {args.steps_per_epoch} --target-spacing {args.target_spacing:g} "
         f"--crop {args.crop} --hard-negative-fraction {args.hard_negative_fraction:g} "
+        f"--positive-fraction {args.positive_fraction:g} --lr {args.lr:g} "
+        f"--batch-size {args.batch_size} "
         f"--encoder {args.encoder} --z-stride {args.z_stride} --z-sampling {args.z_sampling} "
         f"--stack-half {args.stack_half} --train-seed {train_seed}"
         f"{' --keep-data' if args.keep_data else ''}"
@@ -241,8 +249,9 @@ def main() -> int:
            "the one an earlier run generated (--keep-data)"),
         f"- Training: {cfg.encoder} at {cfg.target_spacing:g} A/voxel, z sampling "
         f"{cfg.z_sampling}, z stride {cfg.z_stride}, {cfg.in_chans}-slice stacks, "
-        f"crop {args.crop}, "
-        f"loss {args.loss}, hard-negative fraction {args.hard_negative_fraction:g}, "
+        f"crop {args.crop}, batch {args.batch_size}, lr {args.lr:g}, "
+        f"loss {args.loss}, positive fraction {args.positive_fraction:g}, "
+        f"hard-negative fraction {args.hard_negative_fraction:g}, "
         f"{result.epochs_done} epochs "
         f"({int(metrics['step'].max())} steps), stopped by {result.stopped_by}, "
         f"{train_seconds / 60:.1f} min incl. cache and validation; best validation F2 "

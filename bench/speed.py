@@ -45,7 +45,7 @@ import torch
 import torch.nn as nn
 
 from kernel_lib.config import Z_SAMPLINGS, PipelineConfig
-from kernel_lib.infer import Predictor, decode_peaks, model_input
+from kernel_lib.infer import Predictor, autocast_dtype, decode_peaks, model_input
 from kernel_lib.model import build_model, pad_to_multiple
 from kernel_lib.normalize import normalize, percentile_bounds
 from kernel_lib.preprocess import preprocess_tomogram
@@ -94,6 +94,10 @@ def ensure_tomogram(work: Path, depth: int, height: int, width: int, quality: in
     marker.write_text(json.dumps(spec))
     print(f"generated {folder} in {time.perf_counter() - started:.1f} s", flush=True)
     return folder
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str:
+    return "off (float32)" if dtype is None else str(dtype).replace("torch.", "")
 
 
 def machine_line() -> str:
@@ -640,8 +644,8 @@ def main(argv: list[str] | None = None) -> int:
             f"- Data: fast-mode synthetic JPEG slices, quality {args.jpeg_quality}, source "
             f"spacing {args.source_spacing} A; model {args.encoder} (random init), z sampling "
             f"{args.z_sampling}, z stride {args.z_stride}, batch {args.batch_size}, "
-            f"channels_last, CPU "
-            f"({torch.get_num_threads()} torch threads).",
+            f"channels_last, CPU ({torch.get_num_threads()} torch threads), autocast "
+            f"{_dtype_name(autocast_dtype('cpu'))}.",
             f"- Baseline: `cv2.imread(path, IMREAD_GRAYSCALE)` of every slice, one thread, in "
             f"order, timed in every repeat right before the stages it is compared with; ratios "
             f"are medians over {args.repeats} repeats.", ""]
