@@ -91,6 +91,13 @@ def autocast_dtype(device: torch.device | str) -> torch.dtype | None:
     return None
 
 
+def autocast_to(device: torch.device | str, dtype: torch.dtype | None):
+    """``torch.autocast`` to ``dtype`` on ``device``'s type, or a no-op context when None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
 def _cpu_has_bf16() -> bool:
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     try:  # private probes of torch.cpu; a torch without them counts as "no"
@@ -183,9 +190,7 @@ class Predictor:
         flips = [(), (-1,), (-2,)] if self.tta else [()]
         total = None
         dtype = autocast_dtype(self.device) if self.amp else None  # follows a move to the CPU
-        autocast = (torch.autocast(self.device.type, dtype=dtype) if dtype is not None
-                    else contextlib.nullcontext())
-        with autocast:
+        with autocast_to(self.device, dtype):
             for model in self.models:
                 for dims in flips:
                     xi = torch.flip(x, dims) if dims else x

@@ -44,7 +44,8 @@ from .config import (Z_SAMPLINGS, ConfigError, PipelineConfig, atomic_write_byte
 from .labels import LabelError, read_labels, submission_from_calls
 from .metric import score, solution_for_submission
 from .model import HeatmapModel, ModelError, build_model, check_encoder_name, save_checkpoint
-from .infer import Predictor, autocast_dtype, decode_peaks, model_input, pick_device
+from .infer import (Predictor, autocast_dtype, autocast_to, decode_peaks, model_input,
+                    pick_device)
 from .peaks import find_peaks, nms_radius_voxels
 from .preprocess import CacheEntry, build_cache
 from .resample import heatmap_frame
@@ -453,8 +454,7 @@ def train(data_root: str | os.PathLike, run_dir: str | os.PathLike,
             stacks, heat = sampler.batch(rng, tcfg.batch_size)
             x = model_input(torch.from_numpy(stacks).to(device))
             y = torch.from_numpy(heat).to(device)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                                enabled=amp_dtype is not None):
+            with autocast_to(device, amp_dtype):
                 logits = model(x)
             loss = heatmap_loss(logits.float(), y, tcfg.loss, tcfg.pos_weight)
             if not torch.isfinite(loss):
