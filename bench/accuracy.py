@@ -75,6 +75,17 @@ def ranking_auc(scores: np.ndarray, positive: np.ndarray) -> float:
     return float(wins / (len(pos) * len(neg)))
 
 
+def diagnostics(solution: pl.DataFrame, table: pl.DataFrame) -> tuple[dict, float]:
+    """Diagnostics of one inference table, not results: the scores when every tomogram is
+    called positive (misplaced peaks are then the only misses, so this measures localisation
+    alone) and the ranking AUC of the top peak score (motor vs none, whatever the threshold)."""
+    peaks = table.select("tomo_id", z="peak_z", y="peak_y", x="peak_x")
+    all_positive = scored(solution, submission_from_calls(peaks, np.ones(table.height, bool)))
+    has = dict(zip(solution["tomo_id"], solution["Has motor"]))
+    truth = np.array([bool(has[t]) for t in table["tomo_id"]])
+    return all_positive, ranking_auc(table["score"].to_numpy(), truth)
+
+
 def scored(solution: pl.DataFrame, submission: pl.DataFrame) -> dict:
     submission = submission.select("tomo_id", "Motor axis 0", "Motor axis 1", "Motor axis 2")
     counts = confusion(solution, submission)
@@ -177,14 +188,8 @@ def main() -> int:
             alt = submission_from_calls(peaks, positive)
             rows[f"model, assumed spacing, rule {rule}"] = scored(solution, alt)
 
-    # Diagnostics, not results: calling every tomogram positive scores the localisation alone
-    # (misplaced peaks are the only misses), and the AUC says how well the top peak score
-    # ranks tomograms with a motor above those without, whatever the threshold.
-    rows["diagnostic: model, every tomogram called positive"] = scored(
-        solution, submission_from_calls(peaks, np.ones(model_table.height, dtype=bool)))
-    has = dict(zip(solution["tomo_id"], solution["Has motor"]))
-    auc = ranking_auc(model_table["score"].to_numpy(),
-                      np.array([bool(has[t]) for t in model_table["tomo_id"]]))
+    rows["diagnostic: model, every tomogram called positive"], auc = diagnostics(solution,
+                                                                                 model_table)
 
     extra_lines = []
     if args.extra_test:
@@ -192,16 +197,12 @@ def main() -> int:
         # F2 by less, so this row separates settings that the 30-tomogram set cannot.
         extra_solution = read_solution(extra / "test_labels.csv")
         extra_table = run_inference(extra, [run_dir], progress=False)
-        extra_has = dict(zip(extra_solution["tomo_id"], extra_solution["Has motor"]))
-        extra_truth = np.array([bool(extra_has[t]) for t in extra_table["tomo_id"]])
-        extra_peaks = extra_table.select("tomo_id", z="peak_z", y="peak_y", x="peak_x")
         n_motors = int(extra_solution["Has motor"].sum())
         rows[f"model on {args.extra_test} more test tomograms ({n_motors} motors, seed "
              f"{args.seed + 1}), rule {chosen.threshold}"] = scored(extra_solution, extra_table)
-        rows[f"diagnostic: the same {args.extra_test}, every tomogram called positive"] = scored(
-            extra_solution, submission_from_calls(extra_peaks, np.ones(extra_table.height,
-                                                                       dtype=bool)))
-        extra_auc = ranking_auc(extra_table["score"].to_numpy(), extra_truth)
+        all_positive, extra_auc = diagnostics(extra_solution, extra_table)
+        rows[f"diagnostic: the same {args.extra_test}, every tomogram called positive"] = \
+            all_positive
         extra_lines = [f"- Ranking on the {args.extra_test} more test tomograms: AUC "
                        f"{extra_auc:.3f}"]
 
