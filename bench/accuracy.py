@@ -119,8 +119,13 @@ def main() -> int:
                         help="run the model on every k-th model slice (validation and test)")
     parser.add_argument("--stack-half", type=int, default=PipelineConfig().stack_half,
                         help="n: 2n + 1 slices per 2.5D stack")
+    parser.add_argument("--stack-step", type=float,
+                        default=PipelineConfig().stack_step_angstrom,
+                        help="angstroms between neighbouring channels of a stack")
     parser.add_argument("--z-sampling", default=PipelineConfig().z_sampling,
                         choices=Z_SAMPLINGS, help="z resampling of every volume")
+    parser.add_argument("--tta", action="store_true",
+                        help="also score the test sets with flip TTA (the rule chosen without)")
     parser.add_argument("--extra-test", type=int, default=0,
                         help="also score the model on this many more test tomograms (their own "
                              "set, seed --seed + 1): less test-sampling noise")
@@ -133,7 +138,9 @@ def main() -> int:
     train_seed = args.seed if args.train_seed is None else args.train_seed
     data = work / f"synthetic_{args.seed}_{args.n_train}_{args.n_test}"
     tag = (f"{args.encoder}_{args.loss}_{args.target_spacing:g}A_{args.z_sampling}"
-           f"_zs{args.z_stride}_sh{args.stack_half}_n{args.n_train}_s{train_seed}")
+           f"_zs{args.z_stride}_sh{args.stack_half}"
+           f"{'' if args.stack_step == 32 else f'_st{args.stack_step:g}'}"
+           f"_n{args.n_train}_s{train_seed}")
     run_dir = work / f"run_{tag}"
     if not args.keep_data and data.exists():
         shutil.rmtree(data)
@@ -153,7 +160,7 @@ def main() -> int:
 
     cfg = PipelineConfig(target_spacing=args.target_spacing, encoder=args.encoder,
                          z_stride=args.z_stride, z_sampling=args.z_sampling,
-                         stack_half=args.stack_half)
+                         stack_half=args.stack_half, stack_step_angstrom=args.stack_step)
     tcfg = TrainConfig(fold=0, n_folds=5, epochs=1000, steps_per_epoch=args.steps_per_epoch,
                        max_minutes=args.minutes, seed=train_seed, loss=args.loss,
                        crop=args.crop, hard_negative_fraction=args.hard_negative_fraction,
@@ -190,8 +197,13 @@ def main() -> int:
 
     rows["diagnostic: model, every tomogram called positive"], auc = diagnostics(solution,
                                                                                  model_table)
-
     extra_lines = []
+    if args.tta:
+        # Flip TTA at test time only: the rule was chosen on validation scores without it.
+        tta_table = run_inference(data, [run_dir], tta=True, progress=False)
+        rows[f"model with flip TTA, rule {chosen.threshold}"] = scored(solution, tta_table)
+        tta_auc = diagnostics(solution, tta_table)[1]
+        extra_lines.append(f"- Ranking with flip TTA: AUC {tta_auc:.3f}")
     if args.extra_test:
         # The same model and rule on an independent, larger test set: one tomogram there moves
         # F2 by less, so this row separates settings that the 30-tomogram set cannot.
@@ -203,8 +215,14 @@ def main() -> int:
         all_positive, extra_auc = diagnostics(extra_solution, extra_table)
         rows[f"diagnostic: the same {args.extra_test}, every tomogram called positive"] = \
             all_positive
-        extra_lines = [f"- Ranking on the {args.extra_test} more test tomograms: AUC "
-                       f"{extra_auc:.3f}"]
+        extra_lines.append(f"- Ranking on the {args.extra_test} more test tomograms: AUC "
+                           f"{extra_auc:.3f}")
+        if args.tta:
+            tta_table = run_inference(extra, [run_dir], tta=True, progress=False)
+            rows[f"model with flip TTA on the same {args.extra_test}, rule "
+                 f"{chosen.threshold}"] = scored(extra_solution, tta_table)
+            extra_lines.append(f"- Ranking with flip TTA on the {args.extra_test}: AUC "
+                               f"{diagnostics(extra_solution, tta_table)[1]:.3f}")
 
     none = pl.DataFrame({"tomo_id": test_ids, "Motor axis 0": -1.0, "Motor axis 1": -1.0,
                          "Motor axis 2": -1.0})
@@ -241,7 +259,8 @@ def main() -> int:
         f"--positive-fraction {args.positive_fraction:g} --lr {args.lr:g} "
         f"--batch-size {args.batch_size} "
         f"--encoder {args.encoder} --z-stride {args.z_stride} --z-sampling {args.z_sampling} "
-        f"--stack-half {args.stack_half} --train-seed {train_seed}"
+        f"--stack-half {args.stack_half} --stack-step {args.stack_step:g} "
+        f"--train-seed {train_seed}{' --tta' if args.tta else ''}"
         f"{' --keep-data' if args.keep_data else ''}"
         f"{f' --extra-test {args.extra_test}' if args.extra_test else ''}`",
         f"- Data: synthetic set, seed {args.seed}, {args.n_train} train / {args.n_test} "
@@ -249,7 +268,8 @@ def main() -> int:
         + (f"generated in {gen_seconds:.0f} s" if generated else
            "the one an earlier run generated (--keep-data)"),
         f"- Training: {cfg.encoder} at {cfg.target_spacing:g} A/voxel, z sampling "
-        f"{cfg.z_sampling}, z stride {cfg.z_stride}, {cfg.in_chans}-slice stacks, "
+        f"{cfg.z_sampling}, z stride {cfg.z_stride}, {cfg.in_chans}-slice stacks "
+        f"{cfg.stack_step_angstrom:g} A apart, "
         f"crop {args.crop}, batch {args.batch_size}, lr {args.lr:g}, "
         f"loss {args.loss}, positive fraction {args.positive_fraction:g}, "
         f"hard-negative fraction {args.hard_negative_fraction:g}, "
