@@ -98,6 +98,11 @@ class PipelineConfig:
         sigma_angstrom: Gaussian sigma of the target heatmap.
         nms_radius_angstrom: peaks closer than this are merged by max-pool NMS.
         z_stride: run the model on every k-th model slice at inference.
+        tta: flip test-time augmentation in validation and inference: each stack and its x- and
+            y-mirrors go through the model and the heatmaps are averaged (3x the forward
+            passes). It is part of the config because the threshold rule is chosen on the
+            scores validation gives, so training and inference must predict alike; off by
+            default for speed (its accuracy effect: bench/RESULTS.md).
         threshold: the rule chosen on validation (saved with the weights).
         version: schema version of this file; loading another version fails clearly.
     """
@@ -116,6 +121,7 @@ class PipelineConfig:
     sigma_angstrom: float = 200.0
     nms_radius_angstrom: float = 600.0
     z_stride: int = 2
+    tta: bool = False
     threshold: ThresholdRule = field(default_factory=ThresholdRule)
     version: int = CONFIG_VERSION
 
@@ -145,6 +151,7 @@ class PipelineConfig:
             (self.nms_radius_angstrom > 0,
              f"nms_radius_angstrom must be > 0 (got {self.nms_radius_angstrom})"),
             (self.z_stride >= 1, f"z_stride must be >= 1 (got {self.z_stride})"),
+            (isinstance(self.tta, bool), f"tta must be true or false (got {self.tta!r})"),
         ]
         for ok, message in checks:
             if not ok:

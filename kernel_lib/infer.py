@@ -15,7 +15,7 @@ for the tomograms it has no time for: ``submission.csv`` is always written.
 Command line::
 
     python -m kernel_lib.infer --data-root DIR --weights RUN_DIR [RUN_DIR ...] \\
-        [--split test] --out submission.csv [--threshold quantile:0.45] [--tta] \\
+        [--split test] --out submission.csv [--threshold quantile:0.45] [--[no-]tta] \\
         [--deadline-minutes 600 | --deadline 2026-03-01T21:30] [--prefetch 1] [--compile]
 
 Example:
@@ -115,7 +115,8 @@ class Predictor:
         cfg: the shared config.
         device: where to run.
         batch_size: stacks per forward pass.
-        tta: also run the x-flipped and y-flipped stacks and average.
+        tta: also run the x-flipped and y-flipped stacks and average; None: ``cfg.tta`` (what
+            the threshold rule was chosen with).
         amp: autocast to the device's fast mixed precision (:func:`autocast_dtype`: fp16 on
             CUDA, bf16 on a CPU with native bf16, none elsewhere).
         channels_last: NHWC weights and inputs (faster convolutions on GPU tensor cores and
@@ -125,7 +126,8 @@ class Predictor:
     """
 
     def __init__(self, models: Sequence[HeatmapModel], cfg: PipelineConfig,
-                 device: torch.device | str = "cpu", batch_size: int = 8, tta: bool = False,
+                 device: torch.device | str = "cpu", batch_size: int = 8,
+                 tta: bool | None = None,
                  amp: bool = True, channels_last: bool = True, compile: bool = False) -> None:
         self.device = torch.device(device)
         self.channels_last = channels_last
@@ -134,7 +136,8 @@ class Predictor:
         self.multiple = max(m.input_multiple for m in self.models)
         if compile:
             self.models = [torch.compile(m) for m in self.models]
-        self.cfg, self.batch_size, self.tta = cfg, batch_size, tta
+        self.cfg, self.batch_size = cfg, batch_size
+        self.tta = cfg.tta if tta is None else bool(tta)
         self.amp = amp
         self.offsets = stack_offsets(cfg.stack_half, cfg.stack_step_slices)
 
@@ -400,7 +403,7 @@ def list_test_tomograms(data_root: Path, split: str) -> list[str]:
 
 def run_inference(data_root: str | os.PathLike, weights: Sequence[str | os.PathLike] | None,
                   split: str = "test", out: str | os.PathLike | None = None,
-                  threshold: ThresholdRule | str | None = None, tta: bool = False,
+                  threshold: ThresholdRule | str | None = None, tta: bool | None = None,
                   batch_size: int = 8, device: str | None = None,
                   spacings: dict[str, float] | None = None, z_stride: int | None = None,
                   progress: bool = True, predictor: Predictor | None = None,
@@ -415,7 +418,8 @@ def run_inference(data_root: str | os.PathLike, weights: Sequence[str | os.PathL
         split: sub-folder of ``data_root`` to predict.
         out: where to write ``submission.csv`` (atomically); None to skip writing.
         threshold: overrides the checkpoint's rule (``"fixed:0.4"``, ``"quantile:0.45"``).
-        tta: flip test-time augmentation.
+        tta: flip test-time augmentation; None: the checkpoint's ``tta`` setting (the one
+            its threshold rule was chosen with).
         batch_size: stacks per forward pass.
         device: ``"cpu"``, ``"cuda"``, ... (default: CUDA if available).
         spacings: known spacings per tomogram, for experiments only; a real test set has none,
@@ -533,7 +537,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("submission.csv"))
     parser.add_argument("--threshold", default=None,
                         help="override the checkpoint's rule: fixed:0.4 or quantile:0.45")
-    parser.add_argument("--tta", action="store_true", help="flip test-time augmentation")
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                        help="flip test-time augmentation on or off (default: the checkpoint's "
+                             "setting, which its threshold rule was chosen with)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--z-stride", type=int, default=None)
     parser.add_argument("--device", default=None)

@@ -182,7 +182,7 @@ def mine_false_peaks(model: HeatmapModel, cfg: PipelineConfig, volumes: dict[str
     These are the look-alikes the model currently gets wrong, whatever they are, so sampling
     them as negatives needs no idea of what the data's distractors look like.
     """
-    predictor = Predictor([model], cfg, device, batch_size=batch_size, amp=amp)
+    predictor = Predictor([model], cfg, device, batch_size=batch_size, tta=False, amp=amp)
     radius = nms_radius_voxels(cfg.nms_radius_angstrom, cfg.target_spacing, cfg.output_stride,
                                cfg.z_stride)
     to_model = heatmap_frame(cfg.output_stride, cfg.z_stride).inverse()
@@ -588,6 +588,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stack-half", type=int, default=pdefaults.stack_half)
     parser.add_argument("--output-stride", type=int, default=pdefaults.output_stride)
     parser.add_argument("--z-stride", type=int, default=pdefaults.z_stride)
+    parser.add_argument("--tta", action="store_true",
+                        help="flip TTA in validation, saved in config.json so inference predicts "
+                             "the way the threshold rule was chosen (3x the forward passes)")
     parser.add_argument("--z-sampling", choices=Z_SAMPLINGS, default=pdefaults.z_sampling,
                         help="z resampling: average every slice, or read the nearest slice per "
                              "model slice (decodes about half the slices at 32 A)")
@@ -610,7 +613,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = PipelineConfig(encoder=args.encoder, target_spacing=args.target_spacing,
                              assumed_test_spacing=args.assumed_test_spacing,
                              stack_half=args.stack_half, output_stride=args.output_stride,
-                             z_stride=args.z_stride, z_sampling=args.z_sampling)
+                             z_stride=args.z_stride, z_sampling=args.z_sampling,
+                             tta=args.tta)
         tcfg = TrainConfig(fold=fold, n_folds=args.n_folds, epochs=args.epochs,
                            steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
                            crop=args.crop, lr=args.lr, loss=args.loss, pos_weight=args.pos_weight,

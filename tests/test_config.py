@@ -9,7 +9,8 @@ from kernel_lib.config import CONFIG_VERSION, ConfigError, PipelineConfig, Thres
 
 def test_round_trip_through_json(tmp_path):
     cfg = PipelineConfig(encoder="efficientnet_b0", decoder_channels=(64, 32),
-                         threshold=ThresholdRule("quantile", 0.45), assumed_test_spacing=13.1)
+                         threshold=ThresholdRule("quantile", 0.45), assumed_test_spacing=13.1,
+                         tta=True)
     cfg.save(tmp_path)
     loaded = PipelineConfig.load(tmp_path)
     assert loaded == cfg
@@ -31,6 +32,7 @@ def test_derived_values():
     ("output_stride", 3, "output_stride"),
     ("z_stride", 0, "z_stride"),
     ("z_sampling", "cubic", "z_sampling"),
+    ("tta", "yes", "tta"),
 ])
 def test_bad_values_are_named(field, value, needle):
     with pytest.raises(ConfigError, match=needle):
@@ -51,6 +53,13 @@ def test_missing_and_corrupt_config(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         PipelineConfig.load(tmp_path)
+
+
+def test_a_config_from_before_tta_loads_without_it(tmp_path):
+    data = PipelineConfig().to_dict()
+    del data["tta"]  # written by a kernel_lib that had no such setting
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    assert PipelineConfig.load(tmp_path).tta is False
 
 
 def test_unknown_key_is_refused():

@@ -299,3 +299,62 @@ def test_infer_cli_passes_the_precision_choice_to_the_predictor(tiny, trained, t
     assert code == 0 and seen == [expected]
     assert read_submission(tmp_path / "sub.csv").height == len(
         read_sample_submission(tiny / "sample_submission.csv"))
+
+
+class _LeftRamp(torch.nn.Module):
+    """Logits that rise from left to right whatever the input: not mirror-symmetric, so flip TTA
+    shows whether each mirrored prediction was mirrored back."""
+
+    input_multiple = 32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        ramp = torch.linspace(-3.0, 3.0, w // 4)
+        return ramp.expand(n, 1, h // 4, w // 4) + 0.0 * x[:, :1, ::4, ::4]
+
+
+@pytest.mark.parametrize("cfg_tta, override, expected", [
+    (False, None, False), (True, None, True), (True, False, False), (False, True, True)])
+def test_flip_tta_follows_the_config_unless_overridden(cfg_tta, override, expected):
+    from kernel_lib.infer import Predictor
+
+    cfg = PipelineConfig(tta=cfg_tta, z_stride=1)
+    predictor = Predictor([_LeftRamp()], cfg, "cpu", tta=override, amp=False)
+    assert predictor.tta is expected
+    heat = predictor.heatmap(np.zeros((2, 64, 64), dtype=np.uint8))[0, 0].numpy()
+    ramp = torch.sigmoid(torch.linspace(-3.0, 3.0, 16)).numpy()
+    # The x-mirror's prediction, mirrored back, is the reversed ramp; the y-mirror changes
+    # nothing here: with TTA the heatmap is (2 ramp + reversed ramp) / 3.
+    want = (2 * ramp + ramp[::-1]) / 3 if expected else ramp
+    np.testing.assert_allclose(heat, want, atol=1e-6)
+
+
+def test_tta_run_validates_with_it_saves_it_and_inference_follows(tiny, tmp_path, monkeypatch):
+    """--tta: validation chooses the rule on flip-TTA scores, mining stays single-pass, the
+    setting is saved with the weights and inference uses it unless told --no-tta."""
+    import kernel_lib.infer as infer
+    import kernel_lib.train as train_module
+
+    made: list[tuple[str, bool]] = []  # (function that built a Predictor, its tta)
+    real_init = infer.Predictor.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        made.append((sys._getframe(1).f_code.co_name, self.tta))
+
+    monkeypatch.setattr(infer.Predictor, "__init__", init)
+    run_dir = tmp_path / "run"
+    code = train_module.main(["--data-root", str(tiny), "--out", str(run_dir), "--cache-dir",
+                              str(tmp_path / "cache"), "--epochs", "1", "--steps-per-epoch", "1",
+                              "--batch-size", "2", "--crop", "64", "--n-folds", "3",
+                              "--mine-per-epoch", "1", "--no-progress", "--tta"])
+    assert code == 0
+    assert PipelineConfig.load(run_dir).tta is True
+    assert ("validate", True) in made and ("mine_false_peaks", False) in made
+    assert {tta for caller, tta in made if caller == "validate"} == {True}
+
+    for flag, expected in (([], True), (["--no-tta"], False)):
+        made.clear()
+        code = infer.main(["--data-root", str(tiny), "--weights", str(run_dir), "--out",
+                           str(tmp_path / "sub.csv"), "--no-progress", "--device", "cpu", *flag])
+        assert code == 0 and [tta for _, tta in made] == [expected]
