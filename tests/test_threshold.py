@@ -40,8 +40,12 @@ def test_sweep_finds_the_separating_threshold():
     assert f2 == 1.0 and value == pytest.approx(0.5)
     fixed_value, _ = result.best("fixed")
     assert 0.35 < fixed_value < 0.7
-    result_q = sweep_thresholds(scores, evaluate, prefer="quantile")
-    assert result_q.rule.kind == "quantile"
+    assert result.rule.kind == "quantile"  # both kinds reach 1.0: the quantile is preferred
+    result_fixed = sweep_thresholds(scores, evaluate, prefer="fixed")
+    assert result_fixed.rule.kind == "fixed"
+    assert apply_threshold(scores, result_fixed.rule).tolist() == truth.tolist()
+    with pytest.raises(ValueError, match="prefer"):
+        sweep_thresholds(scores, evaluate, prefer="best")
 
 
 def test_sweep_with_all_nan_scores_does_not_crash():
