@@ -585,7 +585,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--target-spacing", type=float, default=pdefaults.target_spacing)
     parser.add_argument("--assumed-test-spacing", type=float, default=None,
                         help="spacing assumed for test tomograms (default: median of train)")
-    parser.add_argument("--stack-half", type=int, default=pdefaults.stack_half)
+    parser.add_argument("--stack-half", type=int, default=pdefaults.stack_half,
+                        help="n: 2n + 1 slices per 2.5D stack")
+    parser.add_argument("--stack-step", type=float, default=pdefaults.stack_step_angstrom,
+                        help="angstroms between neighbouring slices of a stack")
     parser.add_argument("--output-stride", type=int, default=pdefaults.output_stride)
     parser.add_argument("--z-stride", type=int, default=pdefaults.z_stride)
     parser.add_argument("--tta", action="store_true",
@@ -612,7 +615,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = PipelineConfig(encoder=args.encoder, target_spacing=args.target_spacing,
                              assumed_test_spacing=args.assumed_test_spacing,
-                             stack_half=args.stack_half, output_stride=args.output_stride,
+                             stack_half=args.stack_half,
+                             stack_step_angstrom=args.stack_step,
+                             output_stride=args.output_stride,
                              z_stride=args.z_stride, z_sampling=args.z_sampling,
                              tta=args.tta)
         tcfg = TrainConfig(fold=fold, n_folds=args.n_folds, epochs=args.epochs,

@@ -347,9 +347,11 @@ def test_tta_run_validates_with_it_saves_it_and_inference_follows(tiny, tmp_path
     code = train_module.main(["--data-root", str(tiny), "--out", str(run_dir), "--cache-dir",
                               str(tmp_path / "cache"), "--epochs", "1", "--steps-per-epoch", "1",
                               "--batch-size", "2", "--crop", "64", "--n-folds", "3",
-                              "--mine-per-epoch", "1", "--no-progress", "--tta"])
+                              "--mine-per-epoch", "1", "--no-progress", "--tta",
+                              "--stack-half", "2", "--stack-step", "64"])
     assert code == 0
-    assert PipelineConfig.load(run_dir).tta is True
+    saved = PipelineConfig.load(run_dir)
+    assert saved.tta is True and (saved.in_chans, saved.stack_step_slices) == (5, 2)
     assert ("validate", True) in made and ("mine_false_peaks", False) in made
     assert {tta for caller, tta in made if caller == "validate"} == {True}
 
