@@ -63,7 +63,7 @@ def test_checkpoint_round_trip(tmp_path):
     save_checkpoint(model, cfg, tmp_path)
     loaded, loaded_cfg = load_checkpoint(tmp_path)
     assert loaded_cfg == cfg
-    x = torch.randn(1, 3, 64, 64)
+    x = torch.randn(1, cfg.in_chans, 64, 64)
     model.eval()
     expected = model(x)
     assert torch.isfinite(expected).all() and expected.std() > 0

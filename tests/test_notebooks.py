@@ -309,7 +309,8 @@ def test_slice_viewer_static_montage_stack_and_histograms() -> None:
     assert len(plots.plot_stack(stack, indices, example).axes) == 3
     assert len(plots.plot_intensity_histograms(example.volume, PipelineConfig(
         normalize_per="slice"), z=example.z).axes) == 4
-    assert nb.motor_stack(_example(False), PipelineConfig())[1][1] == 10  # middle slice
+    default = PipelineConfig()
+    assert nb.motor_stack(_example(False), default)[1][default.stack_half] == 10  # middle slice
 
 
 def test_slice_viewer_uses_a_slider_when_ipywidgets_is_there(monkeypatch) -> None:

@@ -87,8 +87,8 @@ def test_changed_settings_refuse_to_resume(tiny, tmp_path):
     cache = tmp_path / "cache"
     train(tiny, tmp_path / "run", CFG, _tcfg(cache, epochs=1), progress=False)
     with pytest.raises(TrainError, match="other settings"):
-        train(tiny, tmp_path / "run", CFG.replace(stack_half=2), _tcfg(cache, epochs=2),
-              progress=False)
+        train(tiny, tmp_path / "run", CFG.replace(stack_half=CFG.stack_half + 1),
+              _tcfg(cache, epochs=2), progress=False)
 
 
 # ---------------------------------------------------------------- the users' mistakes, CLIs
