@@ -89,10 +89,11 @@ class PipelineConfig:
             bench/RESULTS.md).
         stack_half: n, so a 2.5D stack has ``2n + 1`` channels.
         stack_step_angstrom: distance between neighbouring channels of a stack, in angstroms.
-            The default, 5 slices 64 A apart (+-128 A, most of a motor's depth), ranked
-            tomograms better than 3 slices 32 A apart in both training seeds measured (AUC
-            0.89 and 0.89 against 0.84 and 0.84 on 90 test tomograms; 5 slices 32 A apart:
-            0.87 and 0.88) at the cost of two more input channels (bench/RESULTS.md, session 5).
+            The default, 5 slices 64 A apart (+-128 A, most of a motor's depth): four of five
+            5-slice runs ranked 90 test tomograms better than any 3-slice run 32 A apart (AUC
+            0.87-0.89 against at most 0.85; a same-seed rerun gave 0.845, so the gain is a
+            likely one, not a proven one), for two more input channels and no measurable
+            speed cost (bench/RESULTS.md, session 5).
         encoder: any timm CNN name that supports ``features_only``. ``resnet18`` by default;
             ``mobilenetv4_conv_small`` is about 5x cheaper per stack on a CPU (with
             ``z_sampling="nearest"`` and ``z_stride=3`` it meets the CPU speed targets) but
