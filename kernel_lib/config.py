@@ -89,10 +89,10 @@ class PipelineConfig:
             bench/RESULTS.md).
         stack_half: n, so a 2.5D stack has ``2n + 1`` channels.
         stack_step_angstrom: distance between neighbouring channels of a stack, in angstroms.
-            The default, 5 slices 64 A apart (+-128 A, most of a motor's depth): four of five
-            5-slice runs ranked 90 test tomograms better than any 3-slice run 32 A apart (AUC
-            0.87-0.89 against at most 0.85; a same-seed rerun gave 0.845, so the gain is a
-            likely one, not a proven one), for two more input channels and no measurable
+            The default, 5 slices 64 A apart (+-128 A, most of a motor's depth), against 3
+            slices 32 A apart, paired over three training seeds on 90 test tomograms: ranking
+            AUC 0.844 vs 0.823, F2 0.756 vs 0.739, better in two seeds of three; a likely
+            gain inside the run-to-run noise, for two more input channels and no measurable
             speed cost (bench/RESULTS.md, session 5).
         encoder: any timm CNN name that supports ``features_only``. ``resnet18`` by default;
             ``mobilenetv4_conv_small`` is about 5x cheaper per stack on a CPU (with
