@@ -86,6 +86,12 @@ def diagnostics(solution: pl.DataFrame, table: pl.DataFrame) -> tuple[dict, floa
     return all_positive, ranking_auc(table["score"].to_numpy(), truth)
 
 
+def scored_with_tta(root: Path, run_dir: Path, solution: pl.DataFrame) -> tuple[dict, float]:
+    """The run's scores and ranking AUC on one test set with flip TTA (its rule unchanged)."""
+    table = run_inference(root, [run_dir], tta=True, progress=False)
+    return scored(solution, table), diagnostics(solution, table)[1]
+
+
 def scored(solution: pl.DataFrame, submission: pl.DataFrame) -> dict:
     submission = submission.select("tomo_id", "Motor axis 0", "Motor axis 1", "Motor axis 2")
     counts = confusion(solution, submission)
@@ -200,9 +206,8 @@ def main() -> int:
     extra_lines = []
     if args.tta:
         # Flip TTA at test time only: the rule was chosen on validation scores without it.
-        tta_table = run_inference(data, [run_dir], tta=True, progress=False)
-        rows[f"model with flip TTA, rule {chosen.threshold}"] = scored(solution, tta_table)
-        tta_auc = diagnostics(solution, tta_table)[1]
+        rows[f"model with flip TTA, rule {chosen.threshold}"], tta_auc = scored_with_tta(
+            data, run_dir, solution)
         extra_lines.append(f"- Ranking with flip TTA: AUC {tta_auc:.3f}")
     if args.extra_test:
         # The same model and rule on an independent, larger test set: one tomogram there moves
@@ -218,11 +223,10 @@ def main() -> int:
         extra_lines.append(f"- Ranking on the {args.extra_test} more test tomograms: AUC "
                            f"{extra_auc:.3f}")
         if args.tta:
-            tta_table = run_inference(extra, [run_dir], tta=True, progress=False)
-            rows[f"model with flip TTA on the same {args.extra_test}, rule "
-                 f"{chosen.threshold}"] = scored(extra_solution, tta_table)
+            name = f"model with flip TTA on the same {args.extra_test}, rule {chosen.threshold}"
+            rows[name], tta_auc = scored_with_tta(extra, run_dir, extra_solution)
             extra_lines.append(f"- Ranking with flip TTA on the {args.extra_test}: AUC "
-                               f"{diagnostics(extra_solution, tta_table)[1]:.3f}")
+                               f"{tta_auc:.3f}")
 
     none = pl.DataFrame({"tomo_id": test_ids, "Motor axis 0": -1.0, "Motor axis 1": -1.0,
                          "Motor axis 2": -1.0})
