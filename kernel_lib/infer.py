@@ -52,7 +52,7 @@ from .model import HeatmapModel, ModelError, load_checkpoint, pad_to_multiple
 from .peaks import find_peaks, nms_radius_voxels
 from .preprocess import Preprocessed, preprocess_tomogram
 from .resample import Frame, heatmap_frame
-from .stacks import iter_stack_batches, stack_offsets
+from .stacks import iter_stack_batches, slices_read, stack_offsets
 from .threshold import apply_threshold
 
 INPUT_MEAN, INPUT_STD = 0.5, 0.25  # uint8 [0, 255] -> roughly zero-mean, unit-variance input
@@ -142,15 +142,24 @@ class Predictor:
         self.offsets = stack_offsets(cfg.stack_half, cfg.stack_step_slices)
 
     @torch.inference_mode()
-    def heatmap(self, volume: np.ndarray, z_stride: int | None = None) -> torch.Tensor:
+    def heatmap(self, volume: np.ndarray, z_stride: int | None = None,
+                model_slices: np.ndarray | None = None) -> torch.Tensor:
         """Probabilities ``(ceil(Z / z_stride), ceil(Y / s), ceil(X / s))`` on the CPU.
 
         NaN or infinite model outputs become 0 (never a peak); an out-of-memory error splits the
         batch in halves, and at batch size 1 moves the models to the CPU (see :meth:`_predict`).
+        ``model_slices`` (from :class:`~kernel_lib.preprocess.Preprocessed`) names the slices
+        that hold data; stacks that would read any other raise ``ValueError``.
         """
         z_stride = z_stride or self.cfg.z_stride
         stride = self.cfg.output_stride
         depth, h, w = volume.shape
+        if model_slices is not None:
+            missing = np.setdiff1d(slices_read(depth, self.offsets, z_stride), model_slices)
+            if len(missing):
+                raise ValueError(f"the stacks at z stride {z_stride} read model slices "
+                                 f"{missing[:5].tolist()} that were not prepared: preprocess "
+                                 f"with z_stride={z_stride} (or None for every slice)")
         out = torch.zeros((math.ceil(depth / z_stride), math.ceil(h / stride),
                            math.ceil(w / stride)), dtype=torch.float32)
         row = 0
@@ -253,8 +262,8 @@ def predict_tomogram(folder: str | os.PathLike, predictor: Predictor, source_spa
     """Preprocess and predict one tomogram folder."""
     started = time.perf_counter()
     cfg = predictor.cfg
-    prep = preprocess_tomogram(folder, source_spacing, cfg)
-    heat = predictor.heatmap(prep.volume)
+    prep = preprocess_tomogram(folder, source_spacing, cfg, z_stride=cfg.z_stride)
+    heat = predictor.heatmap(prep.volume, model_slices=prep.model_slices)
     peaks = decode_peaks(heat, cfg, prep.frame, prep.original_shape)
     return TomogramResult(tomo_id or Path(folder).name, peaks, time.perf_counter() - started)
 
@@ -271,7 +280,8 @@ class TomogramPrefetcher:
 
     Args:
         jobs: ``(tomo_id, folder, source_spacing)`` per tomogram.
-        cfg: preprocessing settings.
+        cfg: preprocessing settings; only the model slices that stacks at ``cfg.z_stride``
+            read are prepared.
         ahead: tomograms prepared in advance (>= 1).
     """
 
@@ -295,7 +305,8 @@ class TomogramPrefetcher:
                 return
             started = time.perf_counter()
             try:
-                item = (tomo_id, preprocess_tomogram(folder, spacing, self._cfg), None)
+                item = (tomo_id, preprocess_tomogram(folder, spacing, self._cfg,
+                                                     z_stride=self._cfg.z_stride), None)
             except Exception as exc:  # handed to the consumer, which writes a -1 row
                 item = (tomo_id, None, exc)
             self._ready.put(item + (time.perf_counter() - started,))
@@ -316,7 +327,8 @@ def _read_in_place(jobs: Sequence[tuple[str, Path, float]], cfg: PipelineConfig)
     for tomo_id, folder, spacing in jobs:
         started = time.perf_counter()
         try:
-            item = (tomo_id, preprocess_tomogram(folder, spacing, cfg), None)
+            item = (tomo_id, preprocess_tomogram(folder, spacing, cfg, z_stride=cfg.z_stride),
+                    None)
         except Exception as exc:
             item = (tomo_id, None, exc)
         yield item + (time.perf_counter() - started,)
@@ -329,7 +341,7 @@ def _predict_prepared(tomo_id: str, prep: Preprocessed | None, error: Exception 
     try:
         if error is not None:
             raise error
-        heat = predictor.heatmap(prep.volume)
+        heat = predictor.heatmap(prep.volume, model_slices=prep.model_slices)
         peaks = decode_peaks(heat, predictor.cfg, prep.frame, prep.original_shape)
         return TomogramResult(tomo_id, peaks, read_seconds + time.perf_counter() - started)
     except Exception as exc:  # one bad tomogram must not sink the submission

@@ -25,12 +25,15 @@ N_BINS = 256
 _EXACT_FLOAT_COUNT = 2 ** 24
 
 
-def histogram_uint8(volume: np.ndarray, per_slice: bool = False) -> np.ndarray:
-    """Counts of each gray value: shape (256,) for the volume or (z, 256) per slice."""
+def histogram_uint8(volume: np.ndarray, per_slice: bool = False,
+                    slices: np.ndarray | None = None) -> np.ndarray:
+    """Counts of each gray value: shape (256,) for the volume or (z, 256) per slice (only the
+    ``slices`` of a 3D volume when given: ``(len(slices), 256)``)."""
     if volume.dtype != np.uint8:
         raise TypeError(f"histogram_uint8 needs uint8 input (got {volume.dtype})")
     planes = volume.reshape((-1,) + volume.shape[-2:]) if volume.ndim >= 2 else volume[None, None]
-    hists = np.stack([_plane_histogram(p) for p in planes])
+    chosen = range(len(planes)) if slices is None else np.asarray(slices).tolist()
+    hists = np.stack([_plane_histogram(planes[k]) for k in chosen])
     return hists if per_slice else hists.sum(axis=0)
 
 
@@ -81,10 +84,15 @@ def _order_statistic(cum: np.ndarray, k: np.ndarray) -> np.ndarray:
 
 
 def percentile_bounds(volume: np.ndarray, low: float = 2.0, high: float = 98.0,
-                      per_slice: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Low and high percentiles of a volume (scalars) or of each slice (arrays of length z)."""
+                      per_slice: bool = False, slices: np.ndarray | None = None,
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Low and high percentiles of a volume (scalars) or of each slice (arrays of length z);
+    of the ``slices`` of a 3D volume only, when given."""
+    if slices is not None and volume.dtype != np.uint8:
+        volume = volume[np.asarray(slices)]
     if volume.dtype == np.uint8:
-        bounds = percentiles_from_histogram(histogram_uint8(volume, per_slice), (low, high))
+        hist = histogram_uint8(volume, per_slice, slices)
+        bounds = percentiles_from_histogram(hist, (low, high))
     elif per_slice:
         flat = volume.reshape(volume.shape[0], -1)
         bounds = np.percentile(flat, (low, high), axis=1).T
@@ -94,7 +102,8 @@ def percentile_bounds(volume: np.ndarray, low: float = 2.0, high: float = 98.0,
 
 
 def normalize(volume: np.ndarray, low: float = 2.0, high: float = 98.0, per_slice: bool = False,
-              out: str = "float", overwrite: bool = False) -> np.ndarray:
+              out: str = "float", overwrite: bool = False,
+              slices: np.ndarray | list | None = None) -> np.ndarray:
     """Clip to the [low, high] percentiles and scale to [0, 1] (``float32``) or [0, 255] (``uint8``).
 
     Args:
@@ -105,6 +114,9 @@ def normalize(volume: np.ndarray, low: float = 2.0, high: float = 98.0, per_slic
         out: ``"float"`` or ``"uint8"``.
         overwrite: write the result into ``volume`` itself and return it (``uint8`` in and
             out only): no second volume is allocated.
+        slices: 3D input only: measure and normalise just these slices (sorted, different);
+            the others are left as they are with ``overwrite``, else 0 in the result. The
+            normalised slices equal ``normalize(volume[slices])``'s.
     """
     if out not in ("float", "uint8"):
         raise ValueError(f"out must be 'float' or 'uint8' (got {out!r})")
@@ -113,10 +125,16 @@ def normalize(volume: np.ndarray, low: float = 2.0, high: float = 98.0, per_slic
     if overwrite and (volume.dtype != np.uint8 or out != "uint8"):
         raise ValueError(f"overwrite needs uint8 input and out='uint8' (got {volume.dtype}, "
                          f"out={out!r}): drop overwrite to get a new array")
-    lo, hi = percentile_bounds(volume, low, high, per_slice)
+    if slices is not None:
+        slices = _check_slices(slices, volume)
+        if volume.dtype != np.uint8:
+            result = np.zeros(volume.shape, dtype=np.float32 if out == "float" else np.uint8)
+            result[slices] = normalize(volume[slices], low, high, per_slice, out)
+            return result
+    lo, hi = percentile_bounds(volume, low, high, per_slice, slices)
     if volume.dtype == np.uint8:
         return _normalize_lut(volume, np.atleast_1d(lo), np.atleast_1d(hi), per_slice, out,
-                              overwrite)
+                              overwrite, slices)
     shape = (-1,) + (1,) * (volume.ndim - 1) if per_slice else ()
     lo_b = np.reshape(lo, shape).astype(np.float32)
     scale = 1.0 / np.maximum(np.reshape(hi, shape) - lo_b, _EPS).astype(np.float32)
@@ -124,17 +142,33 @@ def normalize(volume: np.ndarray, low: float = 2.0, high: float = 98.0, per_slic
     return _to_out(result, out)
 
 
+def _check_slices(slices, volume: np.ndarray) -> np.ndarray:
+    if volume.ndim != 3:
+        raise ValueError(f"slices needs a 3D volume (got shape {volume.shape})")
+    slices = np.asarray(slices, dtype=np.int64).reshape(-1)
+    if (slices.size == 0 or slices[0] < 0 or slices[-1] >= volume.shape[0]
+            or np.any(np.diff(slices) <= 0)):
+        raise ValueError(f"slices must be sorted, different slices of the {volume.shape[0]} "
+                         f"(got {slices.size} slices: {slices[:5].tolist()}...)")
+    return slices
+
+
 def _normalize_lut(volume: np.ndarray, lo: np.ndarray, hi: np.ndarray, per_slice: bool,
-                   out: str, overwrite: bool = False) -> np.ndarray:
+                   out: str, overwrite: bool = False,
+                   slices: np.ndarray | None = None) -> np.ndarray:
     values = np.arange(N_BINS, dtype=np.float32)
     luts = np.clip((values[None] - lo[:, None]) / np.maximum(hi - lo, _EPS)[:, None], 0.0, 1.0)
     luts = np.ascontiguousarray(_to_out(luts.astype(np.float32), out))
-    result = volume if overwrite else np.empty(volume.shape, dtype=luts.dtype)
+    if overwrite:
+        result = volume
+    else:
+        result = (np.empty if slices is None else np.zeros)(volume.shape, dtype=luts.dtype)
     # cv2.LUT, one plane at a time (same values as luts[k][plane], several times faster).
     source, target = _as_planes(volume), _as_planes(result)
-    for z in range(source.shape[0]):
+    chosen = range(source.shape[0]) if slices is None else slices.tolist()
+    for k, z in enumerate(chosen):
         plane = np.ascontiguousarray(source[z])
-        lut = luts[z if per_slice else 0]
+        lut = luts[k if per_slice else 0]
         mapped = cv2.LUT(plane, lut, dst=target[z] if target[z].flags.c_contiguous else None)
         if not np.shares_memory(mapped, target[z]):
             target[z] = mapped

@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 from .config import PipelineConfig, atomic_write_bytes, atomic_write_text
 from .normalize import normalize
 from .resample import (Frame, decode_frame, resample_to_spacing, resize_depth_inplace,
-                       target_shape, z_sources)
+                       target_shape, z_sources, z_sources_of)
+from .stacks import slices_read, stack_offsets
 from .tomogram import (ReadReport, choose_reduction, list_slices, read_tomogram, reduced_size,
                        slice_positions, stored_slice_shape)
 
@@ -51,6 +52,8 @@ class Preprocessed:
         original_shape: shape of the tomogram as stored.
         source_spacing: the spacing assumed for the original voxels.
         report: what the reader repaired.
+        model_slices: the slices of ``volume`` that were prepared (sorted), None for all;
+            the others are 0 (see :func:`preprocess_tomogram`'s ``z_stride``).
     """
 
     volume: np.ndarray
@@ -58,10 +61,12 @@ class Preprocessed:
     original_shape: tuple[int, int, int]
     source_spacing: float
     report: ReadReport
+    model_slices: np.ndarray | None = None
 
 
 def preprocess_tomogram(folder: str | os.PathLike, source_spacing: float,
-                        cfg: PipelineConfig, workers: int | None = None) -> Preprocessed:
+                        cfg: PipelineConfig, workers: int | None = None,
+                        z_stride: int | None = None) -> Preprocessed:
     """Read, resample and normalise one tomogram folder.
 
     JPEG slices take the streaming path: the headers give the stored size, each reader thread
@@ -70,6 +75,15 @@ def preprocess_tomogram(folder: str | os.PathLike, source_spacing: float,
     ``cfg.z_sampling == "nearest"`` only the source slices nearest to the model slices are
     decoded and there is no z resize at all. The result is identical to reading the whole
     volume, then resampling, then normalising, which is what other slice formats still do.
+
+    With ``z_stride`` (inference), only the model slices that the 2.5D stacks centred on every
+    ``z_stride``-th slice read are prepared (:func:`~kernel_lib.stacks.slices_read`; with the
+    default 5 slices 64 A apart and stride 2, every other slice) and only the source slices
+    they are made from are decoded (:func:`~kernel_lib.resample.z_sources_of`). Those slices
+    equal the full path's resampled slices exactly; the percentiles are measured over them
+    alone, so the normalisation bounds can differ by a gray level or so from the full volume's.
+    The other slices are 0 and ``model_slices`` lists the prepared ones. None prepares every
+    slice (the training cache).
     """
     reduction = choose_reduction(source_spacing, cfg.target_spacing)
     report = ReadReport(Path(folder))
@@ -81,19 +95,28 @@ def preprocess_tomogram(folder: str | os.PathLike, source_spacing: float,
         decoded_spacing = (source_spacing, source_spacing * reduction, source_spacing * reduction)
         shape = target_shape(decoded, decoded_spacing, cfg.target_spacing)
         sources = z_sources(depth, shape[0], cfg.z_sampling)  # None: every slice is blended
+        keep = _slices_needed(shape[0], cfg, z_stride)
         buffer = np.empty((max(depth, shape[0]) if sources is None else shape[0],) + shape[1:],
                           dtype=np.uint8)
+        if keep is None:
+            select, rows = sources, None
+        elif sources is None:  # decode the sources of the kept slices into their own rows
+            select = rows = z_sources_of(depth, shape[0], keep, cfg.z_sampling)
+        else:  # nearest: one source per kept slice, straight into its row
+            select, rows = sources[keep], keep
         read_tomogram(folder, reduction=reduction, workers=workers, report=report,
-                      plane_shape=shape[1:], out=buffer, z_select=sources)
+                      plane_shape=shape[1:], out=buffer, z_select=select, rows=rows)
         if report.decoded_shape == decoded[1:]:  # else the headers lied: take the slow path
             volume = (resize_depth_inplace(buffer, depth, shape[0]) if sources is None
                       else buffer)
             volume = normalize(volume, cfg.percentile_low, cfg.percentile_high,
                                per_slice=cfg.normalize_per == "slice", out="uint8",
-                               overwrite=True)
+                               overwrite=True, slices=keep)
+            if keep is not None:
+                volume[np.setdiff1d(np.arange(shape[0]), keep)] = 0
             frame = decode_frame(reduction).then(Frame.resize(decoded, shape))
             return Preprocessed(volume, frame, (depth,) + tuple(stored), float(source_spacing),
-                                report)
+                                report, keep)
         del buffer
         report = ReadReport(Path(folder))
     raw = read_tomogram(folder, reduction=reduction, workers=workers, report=report)
@@ -107,6 +130,14 @@ def preprocess_tomogram(folder: str | os.PathLike, source_spacing: float,
                        per_slice=cfg.normalize_per == "slice", out="uint8")
     return Preprocessed(volume, decode_frame(reduction).then(resize), original_shape,
                         float(source_spacing), report)
+
+
+def _slices_needed(depth: int, cfg: PipelineConfig, z_stride: int | None) -> np.ndarray | None:
+    """Model slices the stacks of every ``z_stride``-th slice read; None when that is all."""
+    if z_stride is None:
+        return None
+    keep = slices_read(depth, stack_offsets(cfg.stack_half, cfg.stack_step_slices), z_stride)
+    return None if len(keep) == depth else keep
 
 
 def _stored_size(folder: str | os.PathLike, decoded: tuple[int, int], reduction: int,

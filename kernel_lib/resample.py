@@ -138,6 +138,47 @@ def z_sources(depth_in: int, depth_out: int, z_sampling: str = "area") -> np.nda
     return None
 
 
+def z_sources_of(depth_in: int, depth_out: int, outputs: np.ndarray | list,
+                 z_sampling: str = "area") -> np.ndarray:
+    """Sorted source slices that the output slices ``outputs`` of a z resize depend on.
+
+    The other source slices do not change those outputs, so a reader that only needs some model
+    slices can skip them. Shrinking with ``"area"`` averages output j over the source interval
+    ``[j * s, (j + 1) * s)``, ``s = depth_in / depth_out``: every slice overlapping it is
+    returned (OpenCV itself skips overlaps under 1e-3 slice, so this is a superset). Enlarging
+    interpolates between the two slices around each output's centre: those and one more on each
+    side are returned. ``"nearest"`` shrinking needs just the nearest slice (:func:`z_sources`).
+
+    Example:
+        >>> z_sources_of(300, 146, [0, 2]).tolist()
+        [0, 1, 2, 4, 5, 6]
+    """
+    if z_sampling not in Z_SAMPLINGS:
+        raise ValueError(f"z_sampling must be one of {Z_SAMPLINGS} (got {z_sampling!r})")
+    if depth_in < 1 or depth_out < 1:
+        raise ValueError(f"depths must be >= 1 (got {depth_in}, {depth_out})")
+    outputs = np.unique(np.asarray(outputs, dtype=np.int64).reshape(-1))
+    if outputs.size and (outputs[0] < 0 or outputs[-1] >= depth_out):
+        raise ValueError(f"output slices must lie in [0, {depth_out}) (got {outputs[0]}.."
+                         f"{outputs[-1]})")
+    nearest = z_sources(depth_in, depth_out, z_sampling)
+    if nearest is not None:
+        return np.unique(nearest[outputs])
+    if depth_in == depth_out:
+        return outputs
+    scale = depth_in / depth_out
+    if depth_out < depth_in:  # area: [j * s, (j + 1) * s), widened by a hair against rounding
+        first = np.floor(outputs * scale - 1e-6).astype(np.int64)
+        last = np.ceil((outputs + 1) * scale + 1e-6).astype(np.int64) - 1
+    else:  # linear: floor(c) and floor(c) + 1 around the centre c, one more each side
+        first = np.floor((outputs + 0.5) * scale - 0.5).astype(np.int64) - 1
+        last = first + 3
+    first, last = np.clip(first, 0, depth_in - 1), np.clip(last, 0, depth_in - 1)
+    lengths = last - first + 1
+    steps = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return np.unique(np.repeat(first, lengths) + steps)
+
+
 def resize_volume(volume: np.ndarray, shape: tuple[int, int, int],
                   z_sampling: str = "area") -> np.ndarray:
     """Resize a ``(z, y, x)`` volume to ``shape``: area averaging when shrinking, linear when

@@ -41,6 +41,20 @@ def stack_indices(centres: Sequence[int] | np.ndarray, depth: int,
     return np.clip(centres[:, None] + offsets[None, :], 0, depth - 1)
 
 
+def slices_read(depth: int, offsets: np.ndarray, z_stride: int = 1) -> np.ndarray:
+    """Sorted slices that the stacks centred on every ``z_stride``-th slice of a ``depth``-slice
+    volume read (what :func:`iter_stack_batches` gathers); the others are never looked at.
+
+    Example:
+        >>> slices_read(9, stack_offsets(2, 2), z_stride=2).tolist()
+        [0, 2, 4, 6, 8]
+    """
+    if depth < 1 or z_stride < 1:
+        raise ValueError(f"need depth >= 1 and z_stride >= 1 (got {depth}, {z_stride})")
+    centres = np.arange(0, depth, z_stride, dtype=np.int64)
+    return np.unique(stack_indices(centres, depth, offsets))
+
+
 def slice_stack(volume: np.ndarray, z: int, offsets: np.ndarray) -> np.ndarray:
     """One stack ``(2n + 1, y, x)`` centred on slice ``z``."""
     return volume[stack_indices([z], volume.shape[0], offsets)[0]]

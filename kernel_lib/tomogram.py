@@ -264,7 +264,8 @@ def _fit(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 def read_tomogram(folder: str | os.PathLike, reduction: int = 1, workers: int | None = None,
                   report: ReadReport | None = None, plane_shape: tuple[int, int] | None = None,
                   out: np.ndarray | None = None,
-                  z_select: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+                  z_select: Sequence[int] | np.ndarray | None = None,
+                  rows: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
     """Read a tomogram folder into a ``uint8`` array ``(z, y, x)``.
 
     Args:
@@ -281,15 +282,20 @@ def read_tomogram(folder: str | os.PathLike, reduction: int = 1, workers: int | 
         z_select: read only these z positions (indices into the full depth, see
             :func:`slice_positions`), in this order; slice i of the result is position
             ``z_select[i]``. Only their files are decoded. None reads every position.
+        rows: with ``out``: the rows of ``out`` that receive the positions (row ``rows[i]``
+            gets position ``z_select[i]``, or i when ``z_select`` is None), all different; the
+            other rows of ``out`` are left as they are and the whole of ``out`` is returned.
 
     Returns:
-        The volume (``out[:n]`` when ``out`` is given); slice i of it is the i-th slice
-        number in order (or ``z_select[i]``). A gap in the numbering or an unreadable slice is
-        filled with the nearest readable slice, so z indices keep their meaning.
+        The volume (``out[:n]`` when ``out`` is given, ``out`` with ``rows``); slice i of it
+        is the i-th slice number in order (or ``z_select[i]``). A gap in the numbering or an
+        unreadable slice is filled with the nearest readable slice, so z indices keep their
+        meaning.
 
     Raises:
         TomogramError: the folder is missing, empty, or no slice in it can be decoded.
-        ValueError: a ``z_select`` position is outside the tomogram's depth.
+        ValueError: a ``z_select`` position is outside the tomogram's depth, or ``rows`` does
+            not fit ``out``.
     """
     folder = Path(folder)
     paths = list_slices(folder)
@@ -299,7 +305,11 @@ def read_tomogram(folder: str | os.PathLike, reduction: int = 1, workers: int | 
     depth, z_of = slice_positions(paths)
     z_files = np.asarray(z_of, dtype=np.int64)
     wanted = _wanted_positions(z_select, depth, folder)
-    jobs = _plan_decodes(z_files, wanted)
+    dest = _destination_rows(rows, len(wanted), out, folder)
+    n_rows = len(wanted) if rows is None else out.shape[0]
+    jobs = [(i, dest[r].tolist()) for i, r in _plan_decodes(z_files, wanted)]
+    position_of_row = np.full(n_rows, -1, dtype=np.int64)
+    position_of_row[dest] = wanted
     # With a resize or a buffer, the JPEG headers tell the decoded size up front, so each
     # thread can resize its slice straight into place.
     expected = None
@@ -308,7 +318,7 @@ def read_tomogram(folder: str | os.PathLike, reduction: int = 1, workers: int | 
         expected = reduced_size(stored, reduction) if stored is not None else None
     volume = None
     if expected is not None:
-        volume = _volume_buffer(out, len(wanted), tuple(plane_shape or expected), folder)
+        volume = _volume_buffer(out, n_rows, tuple(plane_shape or expected), folder)
         images = _decode_all(paths, jobs, reduction, workers, expected, volume)
         jobs, images = _probe_size_if_none_read(paths, z_files, wanted, jobs, images, reduction)
         if _common_shape(images, expected, folder) != expected:  # headers disagree: decode again
@@ -318,8 +328,9 @@ def read_tomogram(folder: str | os.PathLike, reduction: int = 1, workers: int | 
         jobs, images = _probe_size_if_none_read(paths, z_files, wanted, jobs, images, reduction)
     shape = _common_shape(images, expected, folder)
     if volume is None or shape != expected:
-        volume = _volume_buffer(out, len(wanted), tuple(plane_shape or shape), folder)
-    filled = np.zeros(len(wanted), dtype=bool)
+        volume = _volume_buffer(out, n_rows, tuple(plane_shape or shape), folder)
+    filled = np.zeros(n_rows, dtype=bool)
+    filled[np.setdiff1d(np.arange(n_rows), dest)] = True  # rows not asked for stay as they are
     bad: set[int] = set()
 
     def place(i: int, image, row: int) -> None:
@@ -343,7 +354,7 @@ def read_tomogram(folder: str | os.PathLike, reduction: int = 1, workers: int | 
         filled_from[i] = rows[0]
     # Rows whose file failed: the nearest readable file (decoded now if it was not selected).
     for row in np.flatnonzero(~filled):
-        for i in _nearest_first(z_files, wanted[row]):
+        for i in _nearest_first(z_files, position_of_row[row]):
             if i in bad:
                 continue
             if i in filled_from:
@@ -382,6 +393,22 @@ def _wanted_positions(z_select, depth: int, folder: Path) -> np.ndarray:
                          f"{wanted.min() if wanted.size else None}..."
                          f"{wanted.max() if wanted.size else None})")
     return wanted
+
+
+def _destination_rows(rows, n: int, out: np.ndarray | None, folder: Path) -> np.ndarray:
+    """Row of the volume each of the ``n`` wanted positions goes to (validated ``rows``)."""
+    if rows is None:
+        return np.arange(n, dtype=np.int64)
+    dest = np.asarray(rows, dtype=np.int64).reshape(-1)
+    if out is None:
+        raise ValueError(f"rows needs an out buffer to place the slices of {folder} in")
+    if (len(dest) != n or len(np.unique(dest)) != n or dest.min() < 0
+            or dest.max() >= out.shape[0]):
+        raise ValueError(f"rows must be {n} different rows of out (0..{out.shape[0] - 1}) to "
+                         f"read {folder} (got {len(dest)} rows, {len(np.unique(dest))} different, "
+                         f"range {dest.min() if len(dest) else None}.."
+                         f"{dest.max() if len(dest) else None})")
+    return dest
 
 
 def _plan_decodes(z_files: np.ndarray, wanted: np.ndarray) -> list[tuple[int, list[int]]]:

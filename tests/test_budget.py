@@ -141,10 +141,10 @@ class _TimedPredictor(Predictor):
         super().__init__([_DarkSpot(), _DarkSpot()], cfg, "cpu", batch_size=4, tta=True)
         self.clock, self.log = clock, []
 
-    def heatmap(self, volume, z_stride=None):
+    def heatmap(self, volume, z_stride=None, model_slices=None):
         self.log.append((self.tta, len(self.models)))
         self.clock.advance(1 + 2 * len(self.models) * (3 if self.tta else 1))
-        return super().heatmap(volume, z_stride)
+        return super().heatmap(volume, z_stride, model_slices)
 
 
 @pytest.mark.parametrize("prefetch", [0, 1])

@@ -22,7 +22,9 @@ from kernel_lib.model import build_model
 from kernel_lib.normalize import histogram_uint8, normalize
 from kernel_lib.preprocess import preprocess_tomogram
 from kernel_lib.resample import (Frame, decode_frame, nearest_slices, resample_to_spacing,
-                                 resize_depth_inplace, resize_plane, resize_volume, z_sources)
+                                 resize_depth_inplace, resize_plane, resize_volume, z_sources,
+                                 z_sources_of)
+from kernel_lib.stacks import iter_stack_batches, slices_read, stack_offsets
 from kernel_lib.tomogram import (ReadReport, SliceWarning, choose_reduction, jpeg_size,
                                  list_slices, read_tomogram, reduced_size, stored_slice_shape)
 
@@ -292,7 +294,7 @@ def test_prefetcher_keeps_order_passes_errors_and_bounds_memory(tmp_path, monkey
 
     in_flight, peak, lock = [0], [0], threading.Lock()
 
-    def fake_preprocess(folder, spacing, cfg):
+    def fake_preprocess(folder, spacing, cfg, z_stride=None):
         with lock:
             in_flight[0] += 1
             peak[0] = max(peak[0], in_flight[0])
@@ -352,3 +354,155 @@ def test_cpu_predictor_autocasts_to_bf16_where_native_and_stays_close(monkeypatc
     seen.clear()
     Predictor([model], cfg).heatmap(volume)
     assert set(seen) == {torch.float32}
+
+
+# --- preparing only the slices the stacks read ----------------------------------------------
+
+@pytest.mark.parametrize("depth_in,depth_out", [(300, 146), (300, 150), (800, 390), (21, 10),
+                                                (20, 10), (10, 4), (9, 9), (5, 9), (14, 23),
+                                                (7, 1)])
+@pytest.mark.parametrize("z_sampling", ["area", "nearest"])
+def test_unlisted_sources_do_not_change_the_outputs(depth_in, depth_out, z_sampling):
+    rng = np.random.default_rng(depth_in * 1000 + depth_out)
+    volume = rng.integers(0, 256, (depth_in, 3, 5), dtype=np.uint8)
+    for outputs in (np.arange(0, depth_out, 2), np.arange(1, depth_out, 3), [depth_out - 1]):
+        sources = z_sources_of(depth_in, depth_out, outputs, z_sampling)
+        if len(outputs) == 0:
+            assert len(sources) == 0
+            continue
+        assert np.all(np.diff(sources) > 0) and sources[0] >= 0 and sources[-1] < depth_in
+        garbled = rng.integers(0, 256, volume.shape, dtype=np.uint8)
+        garbled[sources] = volume[sources]  # only the listed sources are right
+        expected = resize_volume(volume, (depth_out, 3, 5), z_sampling)[outputs]
+        got = resize_volume(garbled, (depth_out, 3, 5), z_sampling)[outputs]
+        np.testing.assert_array_equal(got, expected)
+    every = z_sources_of(depth_in, depth_out, np.arange(depth_out), z_sampling)
+    assert len(every) <= depth_in
+
+
+def test_sources_of_every_other_slice_at_the_default_spacing():
+    # 300 slices of 15.6 A -> 146 of 32 A; the even model slices need 3 of every 4.1 sources.
+    sources = z_sources_of(300, 146, np.arange(0, 146, 2))
+    assert 200 <= len(sources) <= 230
+    assert len(z_sources_of(300, 146, np.arange(0, 146, 2), "nearest")) == 73
+    with pytest.raises(ValueError, match="output slices must lie in \\[0, 146\\)"):
+        z_sources_of(300, 146, [146])
+    with pytest.raises(ValueError, match="z_sampling"):
+        z_sources_of(300, 146, [0], "cubic")
+
+
+@pytest.mark.parametrize("depth", [1, 2, 9, 10, 146])
+@pytest.mark.parametrize("half,step,z_stride", [(2, 2, 2), (1, 1, 2), (2, 2, 3), (1, 2, 1),
+                                                (0, 1, 4)])
+def test_slices_read_are_what_the_stack_batches_gather(depth, half, step, z_stride):
+    index = np.arange(depth, dtype=np.int64)[:, None, None]  # each slice holds its own index
+    offsets = stack_offsets(half, step)
+    seen = set()
+    for _, stacks in iter_stack_batches(index, offsets, batch_size=3, z_stride=z_stride):
+        seen.update(stacks.reshape(-1).tolist())
+    np.testing.assert_array_equal(slices_read(depth, offsets, z_stride), sorted(seen))
+
+
+@pytest.mark.parametrize("plane", [None, (40, 50)])
+def test_read_into_rows_places_positions_and_leaves_the_rest(tmp_path, plane):
+    folder = _damaged_folder(tmp_path)
+    with pytest.warns(SliceWarning):
+        full = read_tomogram(folder, plane_shape=plane)
+    shape = (20,) + full.shape[1:]
+    select, rows = [3, 9, 0, 12, 15], [19, 1, 0, 12, 7]
+    buffer = np.full(shape, 7, np.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SliceWarning)
+        got = read_tomogram(folder, plane_shape=plane, out=buffer, z_select=select, rows=rows)
+    assert got.shape == shape and np.shares_memory(got, buffer)
+    np.testing.assert_array_equal(buffer[rows], full[select])
+    untouched = np.setdiff1d(np.arange(20), rows)
+    assert np.all(buffer[untouched] == 7)
+
+
+def test_read_into_rows_rejects_rows_that_do_not_fit(tmp_path):
+    folder = _write(tmp_path / "t", _volume(depth=6))
+    buffer = np.empty((6, 75, 93), np.uint8)
+    for bad in ([0, 0], [0, 6], [0], [-1, 2]):
+        with pytest.raises(ValueError, match="rows must be 2 different rows of out"):
+            read_tomogram(folder, out=buffer, z_select=[1, 2], rows=bad)
+    with pytest.raises(ValueError, match="rows needs an out buffer"):
+        read_tomogram(folder, z_select=[1, 2], rows=[0, 1])
+
+
+@pytest.mark.parametrize("per_slice", [False, True])
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_normalize_only_some_slices(per_slice, dtype):
+    volume = _volume(depth=9).astype(dtype)
+    volume[1] = 0  # an unlisted slice that would change the volume's percentiles
+    slices = np.array([0, 2, 3, 8])
+    expected = normalize(volume[slices], per_slice=per_slice, out="uint8")
+    got = normalize(volume, per_slice=per_slice, out="uint8", slices=slices)
+    np.testing.assert_array_equal(got[slices], expected)
+    assert not got[np.setdiff1d(np.arange(9), slices)].any()
+    if dtype == np.uint8:
+        work = volume.copy()
+        assert normalize(work, per_slice=per_slice, out="uint8", overwrite=True,
+                         slices=slices) is work
+        np.testing.assert_array_equal(work[slices], expected)
+        np.testing.assert_array_equal(work[[1, 4, 5, 6, 7]], volume[[1, 4, 5, 6, 7]])
+    for bad in ([2, 0], [0, 0], [9], []):
+        with pytest.raises(ValueError, match="slices must be sorted, different slices"):
+            normalize(volume, slices=bad)
+    with pytest.raises(ValueError, match="slices needs a 3D volume"):
+        normalize(volume[0], slices=[0])
+
+
+@pytest.mark.parametrize("spacing,target,per,z_sampling,half,step", [
+    (15.6, 32.0, "volume", "area", 2, 64.0), (13.1, 32.0, "slice", "area", 2, 64.0),
+    (19.7, 32.0, "volume", "area", 1, 32.0), (15.6, 32.0, "volume", "nearest", 2, 64.0),
+    (6.5, 16.0, "slice", "area", 2, 64.0), (40.0, 32.0, "volume", "area", 2, 64.0)])
+def test_inference_prepares_only_the_slices_the_stacks_read(tmp_path, monkeypatch, spacing,
+                                                          target, per, z_sampling, half, step):
+    import kernel_lib.tomogram as tomogram
+
+    folder = _write(tmp_path / "t", _volume(depth=41, h=150, w=131))
+    cfg = PipelineConfig(target_spacing=target, normalize_per=per, z_sampling=z_sampling,
+                         stack_half=half, stack_step_angstrom=step, z_stride=2)
+    full = preprocess_tomogram(folder, spacing, cfg)
+    decoded = []
+    real = tomogram.decode_slice
+    monkeypatch.setattr(tomogram, "decode_slice",
+                        lambda path, reduction=1: decoded.append(path.name) or real(path, reduction))
+    part = preprocess_tomogram(folder, spacing, cfg, z_stride=2)
+    n_decoded = len(decoded)
+    depth = full.volume.shape[0]
+    keep = slices_read(depth, stack_offsets(half, cfg.stack_step_slices), 2)
+    assert full.model_slices is None and part.frame == full.frame
+    assert part.volume.shape == full.volume.shape
+    if len(keep) == depth:  # every slice is read: nothing to skip
+        assert part.model_slices is None
+        np.testing.assert_array_equal(part.volume, full.volume)
+        return
+    np.testing.assert_array_equal(part.model_slices, keep)
+    reduction = choose_reduction(spacing, target)
+    raw = read_tomogram(folder, reduction=reduction)
+    resampled, _ = resample_to_spacing(raw, (spacing, spacing * reduction, spacing * reduction),
+                                       target, z_sampling)
+    expected = normalize(resampled[keep], per_slice=per == "slice", out="uint8")
+    np.testing.assert_array_equal(part.volume[keep], expected)  # the same slices, measured alone
+    assert not part.volume[np.setdiff1d(np.arange(depth), keep)].any()
+    assert n_decoded == len(z_sources_of(41, depth, keep, z_sampling))
+    assert n_decoded < 41 or depth > 41  # z shrinks: fewer files; z grows: every file is used
+    # The normalisation bounds move by at most a gray level or two on this volume.
+    assert np.abs(part.volume[keep].astype(int) - full.volume[keep]).max() <= 3
+
+
+def test_partly_prepared_volume_gives_the_full_heatmap_and_guards_its_gaps(tmp_path):
+    torch.manual_seed(0)
+    cfg = PipelineConfig(encoder="resnet18", z_stride=2)
+    predictor = Predictor([build_model(cfg)], cfg, amp=False)
+    folder = _write(tmp_path / "t", _volume(depth=41, h=150, w=131))
+    part = preprocess_tomogram(folder, 15.6, cfg, z_stride=2)
+    assert part.model_slices is not None
+    heat = predictor.heatmap(part.volume, model_slices=part.model_slices)
+    filled = part.volume.copy()
+    filled[np.setdiff1d(np.arange(len(filled)), part.model_slices)] = 255
+    torch.testing.assert_close(predictor.heatmap(filled), heat, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="that were not prepared: preprocess with z_stride=1"):
+        predictor.heatmap(part.volume, z_stride=1, model_slices=part.model_slices)
