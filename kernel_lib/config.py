@@ -84,9 +84,10 @@ class PipelineConfig:
         normalize_per: ``"volume"`` or ``"slice"`` percentile statistics.
         z_sampling: how z shrinks to the target spacing: ``"area"`` (default) averages every
             source slice; ``"nearest"`` takes the nearest source slice for each model slice, so
-            only those are decoded (about half of them at 32 A: the data path takes 0.4x a
+            only those are decoded (about half of them at 32 A: the data path took 0.4x a
             plain decode instead of 0.7-0.8x, at a measured accuracy cost with resnet18; see
-            bench/RESULTS.md).
+            bench/RESULTS.md). Either way inference decodes only the sources of the model
+            slices its stacks read (0.6x by default).
         stack_half: n, so a 2.5D stack has ``2n + 1`` channels.
         stack_step_angstrom: distance between neighbouring channels of a stack, in angstroms.
             The default, 5 slices 64 A apart (+-128 A, most of a motor's depth), against 3
