@@ -118,6 +118,8 @@ def main() -> int:
     parser.add_argument("--positive-fraction", type=float,
                         default=TrainConfig().positive_fraction)
     parser.add_argument("--lr", type=float, default=TrainConfig().lr)
+    parser.add_argument("--peak-weight", type=float, default=TrainConfig().peak_weight,
+                        help="weight of the loss on each crop's top logit (0: off)")
     parser.add_argument("--batch-size", type=int, default=TrainConfig().batch_size)
     parser.add_argument("--encoder", default=PipelineConfig().encoder,
                         help="timm encoder of the model (random init)")
@@ -146,6 +148,7 @@ def main() -> int:
     tag = (f"{args.encoder}_{args.loss}_{args.target_spacing:g}A_{args.z_sampling}"
            f"_zs{args.z_stride}_sh{args.stack_half}"
            f"{'' if args.stack_step == 32 else f'_st{args.stack_step:g}'}"
+           f"{f'_pk{args.peak_weight:g}' if args.peak_weight else ''}"
            f"_n{args.n_train}_s{train_seed}")
     run_dir = work / f"run_{tag}"
     if not args.keep_data and data.exists():
@@ -171,6 +174,7 @@ def main() -> int:
                        max_minutes=args.minutes, seed=train_seed, loss=args.loss,
                        crop=args.crop, hard_negative_fraction=args.hard_negative_fraction,
                        positive_fraction=args.positive_fraction, lr=args.lr,
+                       peak_weight=args.peak_weight,
                        batch_size=args.batch_size,
                        cache_dir=str(work / "cache"))
     t0 = time.perf_counter()
@@ -261,6 +265,7 @@ def main() -> int:
         f"--steps-per-epoch {args.steps_per_epoch} --target-spacing {args.target_spacing:g} "
         f"--crop {args.crop} --hard-negative-fraction {args.hard_negative_fraction:g} "
         f"--positive-fraction {args.positive_fraction:g} --lr {args.lr:g} "
+        f"--peak-weight {args.peak_weight:g} "
         f"--batch-size {args.batch_size} "
         f"--encoder {args.encoder} --z-stride {args.z_stride} --z-sampling {args.z_sampling} "
         f"--stack-half {args.stack_half} --stack-step {args.stack_step:g} "
@@ -275,7 +280,7 @@ def main() -> int:
         f"{cfg.z_sampling}, z stride {cfg.z_stride}, {cfg.in_chans}-slice stacks "
         f"{cfg.stack_step_angstrom:g} A apart, "
         f"crop {args.crop}, batch {args.batch_size}, lr {args.lr:g}, "
-        f"loss {args.loss}, positive fraction {args.positive_fraction:g}, "
+        f"loss {args.loss}{f' + {args.peak_weight:g} x peak BCE' if args.peak_weight else ''}, positive fraction {args.positive_fraction:g}, "
         f"hard-negative fraction {args.hard_negative_fraction:g}, "
         f"{result.epochs_done} epochs "
         f"({int(metrics['step'].max())} steps), stopped by {result.stopped_by}, "

@@ -90,6 +90,9 @@ class TrainConfig:
         loss: ``"bce"`` (with ``pos_weight``) or ``"focal"`` (penalty-reduced focal loss).
         pos_weight: BCE weight of positive heatmap pixels (10 saturated every top score near 1
             after a few hundred CPU steps, so no threshold separated tomograms; 2 does not).
+        peak_weight: weight of a second BCE term on each crop's strongest logit against its
+            target's peak (0 off): the pixel loss spends almost nothing on the few pixels of a
+            dark blob in a motor-free crop, but a tomogram's top peak is what ranks it.
         ema_decay: EMA decay of the weights (0 disables EMA).
         amp: mixed precision where the device runs it fast (:func:`~kernel_lib.infer.
             autocast_dtype`): float16 with loss scaling on CUDA, bfloat16 on a CPU with native
@@ -121,6 +124,7 @@ class TrainConfig:
     mine_per_epoch: int = 8
     loss: str = "bce"
     pos_weight: float = 2.0
+    peak_weight: float = 0.0
     ema_decay: float = 0.99
     amp: bool = True
     grad_clip: float = 2.0
@@ -153,6 +157,7 @@ class TrainConfig:
             (0 < self.zoom_range[0] <= self.zoom_range[1],
              f"zoom_range must be 0 < low <= high (got {self.zoom_range})"),
             (self.lr > 0, f"lr must be > 0 (got {self.lr})"),
+            (self.peak_weight >= 0, f"peak_weight must be >= 0 (got {self.peak_weight})"),
         ]
         for ok, message in checks:
             if not ok:
@@ -223,12 +228,23 @@ def motors_in_model_frame(motors: pl.DataFrame, entries: dict[str, CacheEntry],
 
 
 def heatmap_loss(logits: torch.Tensor, target: torch.Tensor, kind: str,
-                 pos_weight: float) -> torch.Tensor:
-    """BCE with a positive weight on the soft target, or penalty-reduced focal loss.
+                 pos_weight: float, peak_weight: float = 0.0) -> torch.Tensor:
+    """BCE with a positive weight on the soft target, or penalty-reduced focal loss, plus
+    ``peak_weight`` times the BCE of each crop's largest logit against its target's maximum.
 
     The focal variant (from CornerNet / CenterNet) treats pixels with target > 0.99 as positives
     and down-weights negatives near a motor by ``(1 - target)^4``.
     """
+    loss = _pixel_loss(logits, target, kind, pos_weight)
+    if peak_weight:
+        peak_logits = logits.flatten(1).amax(dim=1)
+        peak_targets = target.flatten(1).amax(dim=1)
+        loss = loss + peak_weight * F.binary_cross_entropy_with_logits(peak_logits, peak_targets)
+    return loss
+
+
+def _pixel_loss(logits: torch.Tensor, target: torch.Tensor, kind: str,
+                pos_weight: float) -> torch.Tensor:
     if kind == "bce":
         weight = torch.tensor(pos_weight, device=logits.device, dtype=logits.dtype)
         return F.binary_cross_entropy_with_logits(logits, target, pos_weight=weight)
@@ -456,7 +472,8 @@ def train(data_root: str | os.PathLike, run_dir: str | os.PathLike,
             y = torch.from_numpy(heat).to(device)
             with autocast_to(device, amp_dtype):
                 logits = model(x)
-            loss = heatmap_loss(logits.float(), y, tcfg.loss, tcfg.pos_weight)
+            loss = heatmap_loss(logits.float(), y, tcfg.loss, tcfg.pos_weight,
+                                tcfg.peak_weight)
             if not torch.isfinite(loss):
                 raise TrainError(f"loss became {loss.item()} at epoch {epoch + 1}, step {step}: "
                                  f"lower --lr; the last good checkpoint is {state_path}")
@@ -564,6 +581,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--loss", choices=("bce", "focal"), default=defaults.loss)
     parser.add_argument("--pos-weight", type=float, default=defaults.pos_weight)
+    parser.add_argument("--peak-weight", type=float, default=defaults.peak_weight,
+                        help="weight of the loss on each crop's top logit (0: off)")
     parser.add_argument("--positive-fraction", type=float, default=defaults.positive_fraction)
     parser.add_argument("--hard-negative-fraction", type=float,
                         default=defaults.hard_negative_fraction,
@@ -623,6 +642,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tcfg = TrainConfig(fold=fold, n_folds=args.n_folds, epochs=args.epochs,
                            steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
                            crop=args.crop, lr=args.lr, loss=args.loss, pos_weight=args.pos_weight,
+                           peak_weight=args.peak_weight,
                            positive_fraction=args.positive_fraction,
                            hard_negative_fraction=args.hard_negative_fraction,
                            mine_per_epoch=args.mine_per_epoch,

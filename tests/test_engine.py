@@ -17,7 +17,7 @@ from kernel_lib.config import PipelineConfig
 from kernel_lib.infer import InferenceError, run_inference
 from kernel_lib.labels import read_sample_submission, read_submission
 from kernel_lib.synthetic import generate_dataset
-from kernel_lib.train import TrainConfig, train
+from kernel_lib.train import TrainConfig, TrainError, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_ARGS = ["--epochs", "2", "--steps-per-epoch", "3", "--batch-size", "2", "--crop", "64",
@@ -360,3 +360,45 @@ def test_tta_run_validates_with_it_saves_it_and_inference_follows(tiny, tmp_path
         code = infer.main(["--data-root", str(tiny), "--weights", str(run_dir), "--out",
                            str(tmp_path / "sub.csv"), "--no-progress", "--device", "cpu", *flag])
         assert code == 0 and [tta for _, tta in made] == [expected]
+
+
+def test_peak_loss_adds_the_bce_of_each_crops_top_logit():
+    from kernel_lib.train import heatmap_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 1, 6, 6, requires_grad=True)
+    target = torch.zeros(3, 1, 6, 6)
+    target[0, 0, 2, 3], target[0, 0, 2, 4] = 1.0, 0.6  # a motor in crop 0 only
+    target[2, 0, 5, 5] = 0.3  # a motor a few slices away from crop 2's centre slice
+    pixel = heatmap_loss(logits, target, "bce", 2.0)
+    assert torch.equal(heatmap_loss(logits, target, "bce", 2.0, peak_weight=0.0), pixel)
+    with_peak = heatmap_loss(logits, target, "bce", 2.0, peak_weight=0.5)
+    top = logits.detach().flatten(1).amax(1)
+    p, t = torch.sigmoid(top), torch.tensor([1.0, 0.0, 0.3])
+    by_hand = -(t * torch.log(p) + (1 - t) * torch.log(1 - p)).mean()
+    torch.testing.assert_close(with_peak - pixel, 0.5 * by_hand)
+    # Its gradient reaches only each crop's top pixel.
+    (grad_pixel,) = torch.autograd.grad(pixel, logits, retain_graph=True)
+    (grad_both,) = torch.autograd.grad(with_peak, logits)
+    extra = (grad_both - grad_pixel).flatten(1)
+    assert (extra.abs() > 1e-9).sum(1).tolist() == [1, 1, 1]
+    assert torch.equal(extra.abs().argmax(1), logits.detach().flatten(1).argmax(1))
+
+
+def test_peak_weight_reaches_the_loss_and_is_checked(tiny, tmp_path, monkeypatch):
+    import kernel_lib.train as train_module
+
+    seen = []
+    real = train_module.heatmap_loss
+    monkeypatch.setattr(train_module, "heatmap_loss",
+                        lambda *a, **k: seen.append(a[4] if len(a) > 4 else k.get("peak_weight"))
+                        or real(*a, **k))
+    args = ["--data-root", str(tiny), "--out", str(tmp_path / "run"), "--cache-dir",
+            str(tmp_path / "cache"), "--epochs", "1", "--steps-per-epoch", "2", "--batch-size",
+            "2", "--crop", "64", "--n-folds", "3", "--mine-per-epoch", "0", "--no-progress"]
+    assert train_module.main(args + ["--peak-weight", "0.5"]) == 0
+    assert seen == [0.5, 0.5]
+    saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert saved["peak_weight"] == 0.5
+    with pytest.raises(TrainError, match="peak_weight must be >= 0 \\(got -1"):
+        TrainConfig(peak_weight=-1)
