@@ -48,9 +48,9 @@ from kernel_lib.config import Z_SAMPLINGS, PipelineConfig
 from kernel_lib.infer import Predictor, autocast_dtype, decode_peaks, model_input
 from kernel_lib.model import build_model, pad_to_multiple
 from kernel_lib.normalize import normalize, percentile_bounds
-from kernel_lib.preprocess import preprocess_tomogram
+from kernel_lib.preprocess import preprocess_tomogram, reading_plan
 from kernel_lib.resample import (resample_to_spacing, resize_depth_inplace, target_shape,
-                                 z_sources, z_sources_of)
+                                 z_sources)
 from kernel_lib.stacks import iter_stack_batches, slices_read, stack_offsets
 from kernel_lib.synthetic import render_tomogram, write_tomogram
 from kernel_lib.tomogram import (choose_reduction, list_slices, read_tomogram, reduced_size,
@@ -207,8 +207,7 @@ def bench_one(folder: Path, target: float, args: argparse.Namespace) -> dict:
     n_stacks = math.ceil(shape[0] / cfg.z_stride)
     # What inference prepares: the model slices the stacks read, from the sources they need.
     keep = slices_read(shape[0], offsets, cfg.z_stride)
-    select = z_sources_of(decoded[0], shape[0], keep, cfg.z_sampling)
-    rows = select if sources is None else keep  # area: sources in their rows; nearest: 1 each
+    select, rows = reading_plan(decoded[0], shape[0], keep, cfg.z_sampling)
     names = ["baseline decode", "reader, every slice (training cache)",
              "reader (threads, in-plane resize)",
              "reader, decode only (no resize)", "z resize (in place)",

@@ -98,12 +98,7 @@ def preprocess_tomogram(folder: str | os.PathLike, source_spacing: float,
         keep = _slices_needed(shape[0], cfg, z_stride)
         buffer = np.empty((max(depth, shape[0]) if sources is None else shape[0],) + shape[1:],
                           dtype=np.uint8)
-        if keep is None:
-            select, rows = sources, None
-        elif sources is None:  # decode the sources of the kept slices into their own rows
-            select = rows = z_sources_of(depth, shape[0], keep, cfg.z_sampling)
-        else:  # nearest: one source per kept slice, straight into its row
-            select, rows = sources[keep], keep
+        select, rows = reading_plan(depth, shape[0], keep, cfg.z_sampling)
         read_tomogram(folder, reduction=reduction, workers=workers, report=report,
                       plane_shape=shape[1:], out=buffer, z_select=select, rows=rows)
         if report.decoded_shape == decoded[1:]:  # else the headers lied: take the slow path
@@ -130,6 +125,21 @@ def preprocess_tomogram(folder: str | os.PathLike, source_spacing: float,
                        per_slice=cfg.normalize_per == "slice", out="uint8")
     return Preprocessed(volume, decode_frame(reduction).then(resize), original_shape,
                         float(source_spacing), report)
+
+
+def reading_plan(depth_in: int, depth_out: int, keep: np.ndarray | None, z_sampling: str,
+                 ) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """``(z_select, rows)`` for :func:`~kernel_lib.tomogram.read_tomogram` so that the model
+    slices ``keep`` (None: all) of a ``depth_in`` -> ``depth_out`` z resize can be made: with
+    area sampling the sources they average, each into its own row of a ``depth_in`` buffer; with
+    nearest sampling one source per kept slice, into that slice's row."""
+    sources = z_sources(depth_in, depth_out, z_sampling)  # None: every slice is blended
+    if keep is None:
+        return sources, None
+    if sources is None:
+        select = z_sources_of(depth_in, depth_out, keep, z_sampling)
+        return select, select
+    return sources[keep], keep
 
 
 def _slices_needed(depth: int, cfg: PipelineConfig, z_stride: int | None) -> np.ndarray | None:

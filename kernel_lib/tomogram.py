@@ -329,8 +329,8 @@ def read_tomogram(folder: str | os.PathLike, reduction: int = 1, workers: int | 
     shape = _common_shape(images, expected, folder)
     if volume is None or shape != expected:
         volume = _volume_buffer(out, n_rows, tuple(plane_shape or shape), folder)
-    filled = np.zeros(n_rows, dtype=bool)
-    filled[np.setdiff1d(np.arange(n_rows), dest)] = True  # rows not asked for stay as they are
+    filled = np.ones(n_rows, dtype=bool)  # rows not asked for stay as they are
+    filled[dest] = False
     bad: set[int] = set()
 
     def place(i: int, image, row: int) -> None:
