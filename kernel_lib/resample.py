@@ -31,6 +31,9 @@ from .config import Z_SAMPLINGS
 
 # cv2.resize caps each side at SHRT_MAX for some interpolations; split wide z-resizes below it.
 _MAX_COLUMNS = 32000
+# Source overlaps (in slices) below this add nothing to an area z resize: OpenCV drops those
+# under 1e-3, so skipping those under 1e-4 is safe and keeps integer ratios at s sources each.
+_MIN_OVERLAP = 1e-4
 
 
 @dataclass(frozen=True)
@@ -144,8 +147,9 @@ def z_sources_of(depth_in: int, depth_out: int, outputs: np.ndarray | list,
 
     The other source slices do not change those outputs, so a reader that only needs some model
     slices can skip them. Shrinking with ``"area"`` averages output j over the source interval
-    ``[j * s, (j + 1) * s)``, ``s = depth_in / depth_out``: every slice overlapping it is
-    returned (OpenCV itself skips overlaps under 1e-3 slice, so this is a superset). Enlarging
+    ``[j * s, (j + 1) * s)``, ``s = depth_in / depth_out``: every slice overlapping it by more
+    than 1e-4 of a slice is returned (OpenCV skips overlaps under 1e-3, so this is a superset
+    that still leaves out the neighbours an interval only touches at a whole s). Enlarging
     interpolates between the two slices around each output's centre: those and one more on each
     side are returned. ``"nearest"`` shrinking needs just the nearest slice (:func:`z_sources`).
 
@@ -167,9 +171,9 @@ def z_sources_of(depth_in: int, depth_out: int, outputs: np.ndarray | list,
     if depth_in == depth_out:
         return outputs
     scale = depth_in / depth_out
-    if depth_out < depth_in:  # area: [j * s, (j + 1) * s), widened by a hair against rounding
-        first = np.floor(outputs * scale - 1e-6).astype(np.int64)
-        last = np.ceil((outputs + 1) * scale + 1e-6).astype(np.int64) - 1
+    if depth_out < depth_in:  # area: sources overlapping [j * s, (j + 1) * s) by > 1e-4
+        first = np.floor(outputs * scale + _MIN_OVERLAP).astype(np.int64)
+        last = np.ceil((outputs + 1) * scale - _MIN_OVERLAP).astype(np.int64) - 1
     else:  # linear: floor(c) and floor(c) + 1 around the centre c, one more each side
         first = np.floor((outputs + 0.5) * scale - 0.5).astype(np.int64) - 1
         last = first + 3

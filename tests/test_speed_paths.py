@@ -385,6 +385,9 @@ def test_sources_of_every_other_slice_at_the_default_spacing():
     sources = z_sources_of(300, 146, np.arange(0, 146, 2))
     assert 200 <= len(sources) <= 230
     assert len(z_sources_of(300, 146, np.arange(0, 146, 2), "nearest")) == 73
+    # A whole ratio: each even model slice is exactly two sources, no touching neighbours.
+    np.testing.assert_array_equal(z_sources_of(300, 150, np.arange(0, 150, 2)),
+                                  np.flatnonzero(np.arange(300) % 4 < 2))
     with pytest.raises(ValueError, match="output slices must lie in \\[0, 146\\)"):
         z_sources_of(300, 146, [146])
     with pytest.raises(ValueError, match="z_sampling"):
