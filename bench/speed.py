@@ -49,8 +49,7 @@ from kernel_lib.infer import Predictor, autocast_dtype, decode_peaks, model_inpu
 from kernel_lib.model import build_model, pad_to_multiple
 from kernel_lib.normalize import normalize, percentile_bounds
 from kernel_lib.preprocess import preprocess_tomogram, reading_plan
-from kernel_lib.resample import (resample_to_spacing, resize_depth_inplace, target_shape,
-                                 z_sources)
+from kernel_lib.resample import resample_to_spacing, target_shape
 from kernel_lib.stacks import iter_stack_batches, slices_read, stack_offsets
 from kernel_lib.synthetic import render_tomogram, write_tomogram
 from kernel_lib.tomogram import (choose_reduction, list_slices, read_tomogram, reduced_size,
@@ -201,13 +200,14 @@ def bench_one(folder: Path, target: float, args: argparse.Namespace) -> dict:
     decoded = (len(paths),) + reduced_size(stored, reduction)
     decoded_spacing = (spacing, spacing * reduction, spacing * reduction)
     shape = target_shape(decoded, decoded_spacing, target)
-    sources = z_sources(decoded[0], shape[0], cfg.z_sampling)  # None: every slice, z resize
     predictor = Predictor([default_model(cfg)], cfg, "cpu", batch_size=args.batch_size)
     offsets = stack_offsets(cfg.stack_half, cfg.stack_step_slices)
     n_stacks = math.ceil(shape[0] / cfg.z_stride)
     # What inference prepares: the model slices the stacks read, from the sources they need.
     keep = slices_read(shape[0], offsets, cfg.z_stride)
-    select, rows = reading_plan(decoded[0], shape[0], keep, cfg.z_sampling)
+    plan = reading_plan(decoded[0], shape[0], keep, cfg.z_sampling)
+    every = reading_plan(decoded[0], shape[0], None, cfg.z_sampling)  # the training cache's
+    n_every = decoded[0] if every.select is None else len(every.select)
     names = ["baseline decode", "reader, every slice (training cache)",
              "reader (threads, in-plane resize)",
              "reader, decode only (no resize)", "z resize (in place)",
@@ -234,21 +234,19 @@ def bench_one(folder: Path, target: float, args: argparse.Namespace) -> dict:
             stages[name].add(wall, cpu, base_wall, base_cpu)
 
         add("baseline decode", base_wall, base_cpu)
-        depth = decoded[0] if sources is None else len(sources)
-        buffer = np.empty((max(depth, shape[0]),) + shape[1:], np.uint8)
+        buffer = np.empty((every.buffer_depth,) + shape[1:], np.uint8)
         wall, cpu, _ = timed(read_tomogram, folder, reduction, plane_shape=shape[1:], out=buffer,
-                             z_select=sources)
+                             z_select=every.select, rows=every.rows)
         add("reader, every slice (training cache)", wall, cpu)
+        buffer = np.empty((plan.buffer_depth,) + shape[1:], np.uint8)
         wall, cpu, _ = timed(read_tomogram, folder, reduction, plane_shape=shape[1:], out=buffer,
-                             z_select=select, rows=rows)
+                             z_select=plan.select, rows=plan.rows)
         add("reader (threads, in-plane resize)", wall, cpu)
-        wall, cpu, _ = timed(read_tomogram, folder, reduction, z_select=select)
+        wall, cpu, _ = timed(read_tomogram, folder, reduction, z_select=plan.select)
         add("reader, decode only (no resize)", wall, cpu)
-        if sources is None:
-            wall, cpu, volume = timed(resize_depth_inplace, buffer, decoded[0], shape[0])
-            add("z resize (in place)", wall, cpu)
-        else:  # nearest-slice z sampling: the reader already read one slice per model slice
-            volume = buffer[:shape[0]]
+        # area: an in-place cv2 z resize; box: the kept slices' box means; nearest: nothing
+        wall, cpu, volume = timed(plan.resize_depth, buffer)
+        add("z resize (in place)", wall, cpu)
         wall, cpu, _ = timed(lambda: np.percentile(volume[keep],
                                                    (cfg.percentile_low, cfg.percentile_high)))
         add("np.percentile, volume", wall, cpu)
@@ -284,13 +282,17 @@ def bench_one(folder: Path, target: float, args: argparse.Namespace) -> dict:
         print(f"  repeat {repeat + 1}/{args.repeats}: baseline {base_wall:.2f} s, "
               f"preprocess {stages['preprocess total (streaming)'].wall[-1]:.2f} s, "
               f"load {load_line()}", flush=True)
-    z_kind = "nearest z" if sources is not None else "area z"
-    if sources is not None:
+    z_kind = f"{cfg.z_sampling} z"
+    if n_every < decoded[0]:
         stages["reader, every slice (training cache)"].note = (
-            f"{len(sources)} of {decoded[0]} slices (nearest z)")
+            f"{n_every} of {decoded[0]} slices ({z_kind})")
+    n_select = decoded[0] if plan.select is None else len(plan.select)
     for name in ("reader (threads, in-plane resize)", "reader, decode only (no resize)"):
-        stages[name].note = (f"{len(select)} of {decoded[0]} slices ({z_kind}, for the "
+        stages[name].note = (f"{n_select} of {decoded[0]} slices ({z_kind}, for the "
                              f"{len(keep)} of {shape[0]} model slices the stacks read)")
+    stages["z resize (in place)"].note = {
+        "area": "every model slice", "box": f"box means of the {len(keep)} kept model slices",
+        "nearest": "nothing to do: one source per model slice"}[cfg.z_sampling]
     for name in ("np.percentile, volume", "np.percentile, per slice", "histogram percentiles",
                  "look-up table (in place)"):
         stages[name].note = f"the {len(keep)} model slices the stacks read"

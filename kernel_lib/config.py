@@ -24,7 +24,7 @@ from typing import Any
 
 CONFIG_VERSION = 1
 CONFIG_NAME = "config.json"
-Z_SAMPLINGS = ("area", "nearest")  # how z shrinks to the target spacing (see PipelineConfig)
+Z_SAMPLINGS = ("area", "box", "nearest")  # how z shrinks to the target spacing (see PipelineConfig)
 
 
 class ConfigError(ValueError):

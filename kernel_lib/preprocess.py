@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 
 from .config import PipelineConfig, atomic_write_bytes, atomic_write_text
 from .normalize import normalize
-from .resample import (Frame, decode_frame, resample_to_spacing, resize_depth_inplace,
-                       target_shape, z_sources, z_sources_of)
+from .resample import (Frame, box_depth_inplace, decode_frame, resample_to_spacing,
+                       resize_depth_inplace, target_shape, z_sources, z_sources_of)
 from .stacks import slices_read, stack_offsets
 from .tomogram import (ReadReport, choose_reduction, list_slices, read_tomogram, reduced_size,
                        slice_positions, stored_slice_shape)
@@ -73,7 +73,8 @@ def preprocess_tomogram(folder: str | os.PathLike, source_spacing: float,
     resizes its slice in-plane as soon as it is decoded, the z resize and the normalisation run
     in place, so the only volume ever held is one at the model's resolution (``uint8``). With
     ``cfg.z_sampling == "nearest"`` only the source slices nearest to the model slices are
-    decoded and there is no z resize at all. The result is identical to reading the whole
+    decoded and there is no z resize at all; with ``"box"`` only the slices of each model
+    slice's box (:func:`~kernel_lib.resample.box_slices`). The result is identical to reading the whole
     volume, then resampling, then normalising, which is what other slice formats still do.
 
     With ``z_stride`` (inference), only the model slices that the 2.5D stacks centred on every
@@ -94,19 +95,15 @@ def preprocess_tomogram(folder: str | os.PathLike, source_spacing: float,
         decoded = (depth,) + reduced_size(stored, reduction)
         decoded_spacing = (source_spacing, source_spacing * reduction, source_spacing * reduction)
         shape = target_shape(decoded, decoded_spacing, cfg.target_spacing)
-        sources = z_sources(depth, shape[0], cfg.z_sampling)  # None: every slice is blended
         keep = _slices_needed(shape[0], cfg, z_stride)
-        buffer = np.empty((max(depth, shape[0]) if sources is None else shape[0],) + shape[1:],
-                          dtype=np.uint8)
-        select, rows = reading_plan(depth, shape[0], keep, cfg.z_sampling)
+        plan = reading_plan(depth, shape[0], keep, cfg.z_sampling)
+        buffer = np.empty((plan.buffer_depth,) + shape[1:], dtype=np.uint8)
         read_tomogram(folder, reduction=reduction, workers=workers, report=report,
-                      plane_shape=shape[1:], out=buffer, z_select=select, rows=rows)
+                      plane_shape=shape[1:], out=buffer, z_select=plan.select, rows=plan.rows)
         if report.decoded_shape == decoded[1:]:  # else the headers lied: take the slow path
-            volume = (resize_depth_inplace(buffer, depth, shape[0]) if sources is None
-                      else buffer)
-            volume = normalize(volume, cfg.percentile_low, cfg.percentile_high,
-                               per_slice=cfg.normalize_per == "slice", out="uint8",
-                               overwrite=True, slices=keep)
+            volume = normalize(plan.resize_depth(buffer), cfg.percentile_low,
+                               cfg.percentile_high, per_slice=cfg.normalize_per == "slice",
+                               out="uint8", overwrite=True, slices=keep)
             if keep is not None:
                 volume[np.setdiff1d(np.arange(shape[0]), keep)] = 0
             frame = decode_frame(reduction).then(Frame.resize(decoded, shape))
@@ -127,19 +124,48 @@ def preprocess_tomogram(folder: str | os.PathLike, source_spacing: float,
                         float(source_spacing), report)
 
 
+@dataclass(frozen=True)
+class ReadingPlan:
+    """How the streaming reader makes some model slices of a ``depth_in`` -> ``depth_out``
+    z resize: which source slices it decodes (``select``, None: all), into which rows of a
+    ``buffer_depth``-slice buffer (``rows``, None: in order), and the z step that turns that
+    buffer into the model slices ``keep`` (None: all), :meth:`resize_depth`."""
+
+    depth_in: int
+    depth_out: int
+    keep: np.ndarray | None
+    z_sampling: str
+    select: np.ndarray | None
+    rows: np.ndarray | None
+    buffer_depth: int
+
+    def resize_depth(self, buffer: np.ndarray) -> np.ndarray:
+        """The ``depth_out`` model slices from the buffer the reader filled (in place; only
+        the ``keep`` slices are meaningful)."""
+        shrinks = self.depth_out < self.depth_in
+        if self.z_sampling == "nearest" and shrinks:  # the reader put each slice in its row
+            return buffer[:self.depth_out]
+        if self.z_sampling == "box" and shrinks:
+            return box_depth_inplace(buffer, self.depth_in, self.depth_out, self.keep)
+        return resize_depth_inplace(buffer, self.depth_in, self.depth_out)
+
+
 def reading_plan(depth_in: int, depth_out: int, keep: np.ndarray | None, z_sampling: str,
-                 ) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """``(z_select, rows)`` for :func:`~kernel_lib.tomogram.read_tomogram` so that the model
-    slices ``keep`` (None: all) of a ``depth_in`` -> ``depth_out`` z resize can be made: with
-    area sampling the sources they average, each into its own row of a ``depth_in`` buffer; with
-    nearest sampling one source per kept slice, into that slice's row."""
-    sources = z_sources(depth_in, depth_out, z_sampling)  # None: every slice is blended
-    if keep is None:
-        return sources, None
-    if sources is None:
-        select = z_sources_of(depth_in, depth_out, keep, z_sampling)
-        return select, select
-    return sources[keep], keep
+                 ) -> ReadingPlan:
+    """The :class:`ReadingPlan` that makes the model slices ``keep`` (None: all) of a
+    ``depth_in`` -> ``depth_out`` z resize: with nearest sampling one source per kept slice,
+    into that slice's row; otherwise the sources they average (area or box), each into its own
+    row of a buffer of ``max(depth_in, depth_out)`` slices."""
+    sources = z_sources(depth_in, depth_out, z_sampling)  # one per output (nearest) or None
+    if sources is not None:
+        select, rows = (sources, None) if keep is None else (sources[keep], keep)
+        return ReadingPlan(depth_in, depth_out, keep, z_sampling, select, rows, depth_out)
+    buffer_depth = max(depth_in, depth_out)
+    if keep is None and (z_sampling != "box" or depth_out >= depth_in):
+        return ReadingPlan(depth_in, depth_out, keep, z_sampling, None, None, buffer_depth)
+    outputs = np.arange(depth_out) if keep is None else keep
+    select = z_sources_of(depth_in, depth_out, outputs, z_sampling)
+    return ReadingPlan(depth_in, depth_out, keep, z_sampling, select, select, buffer_depth)
 
 
 def _slices_needed(depth: int, cfg: PipelineConfig, z_stride: int | None) -> np.ndarray | None:

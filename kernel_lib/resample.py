@@ -127,12 +127,34 @@ def nearest_slices(depth_in: int, depth_out: int) -> np.ndarray:
     return np.clip(np.ceil(centres - 0.5), 0, depth_in - 1).astype(np.int64)
 
 
+def box_slices(depth_in: int, depth_out: int) -> np.ndarray:
+    """For each of ``depth_out`` slices, the ``k = round(depth_in / depth_out)`` (at least 1)
+    consecutive ``depth_in`` slices nearest to its centre, shape ``(depth_out, k)``.
+
+    Their mean is a whole-slice box filter as wide as the z step: at 15.6 -> 32 A each model
+    slice averages 2 source slices where an area resize blends about 3 (two whole ones and the
+    edges of two more). The box centre lies within half a source slice of the output's centre
+    (as :func:`nearest_slices`, which is ``k = 1``), so :meth:`Frame.resize` stays its frame.
+
+    Example:
+        >>> box_slices(9, 4).tolist()
+        [[0, 1], [2, 3], [5, 6], [7, 8]]
+    """
+    if depth_in < 1 or depth_out < 1:
+        raise ValueError(f"depths must be >= 1 (got {depth_in}, {depth_out})")
+    width = min(depth_in, max(1, int(np.floor(depth_in / depth_out + 0.5))))
+    centres = (np.arange(depth_out) + 0.5) * (depth_in / depth_out) - 0.5
+    first = np.clip(np.ceil(centres - (width - 1) / 2 - 0.5), 0, depth_in - width)
+    return first.astype(np.int64)[:, None] + np.arange(width)
+
+
 def z_sources(depth_in: int, depth_out: int, z_sampling: str = "area") -> np.ndarray | None:
-    """Source slices a z resize reads, or None when it reads (and blends) all of them.
+    """Source slices a z resize reads, one per output slice, or None when it blends several.
 
     ``"area"`` averages (shrinking) or interpolates (enlarging) along z; ``"nearest"`` takes the
     nearest source slice per output slice when z shrinks, so only those need decoding (it
-    interpolates like ``"area"`` when z grows).
+    interpolates like ``"area"`` when z grows). ``"box"`` averages the :func:`box_slices` of
+    each output when z shrinks (a blend, so None here; :func:`z_sources_of` lists them).
     """
     if z_sampling not in Z_SAMPLINGS:
         raise ValueError(f"z_sampling must be one of {Z_SAMPLINGS} (got {z_sampling!r})")
@@ -151,7 +173,8 @@ def z_sources_of(depth_in: int, depth_out: int, outputs: np.ndarray | list,
     than 1e-4 of a slice is returned (OpenCV skips overlaps under 1e-3, so this is a superset
     that still leaves out the neighbours an interval only touches at a whole s). Enlarging
     interpolates between the two slices around each output's centre: those and one more on each
-    side are returned. ``"nearest"`` shrinking needs just the nearest slice (:func:`z_sources`).
+    side are returned. ``"nearest"`` shrinking needs just the nearest slice (:func:`z_sources`),
+    ``"box"`` shrinking the slices of each output's box (:func:`box_slices`).
 
     Example:
         >>> z_sources_of(300, 146, [0, 2]).tolist()
@@ -170,6 +193,8 @@ def z_sources_of(depth_in: int, depth_out: int, outputs: np.ndarray | list,
         return np.unique(nearest[outputs])
     if depth_in == depth_out:
         return outputs
+    if z_sampling == "box" and depth_out < depth_in:
+        return np.unique(box_slices(depth_in, depth_out)[outputs])
     scale = depth_in / depth_out
     if depth_out < depth_in:  # area: sources overlapping [j * s, (j + 1) * s) by > 1e-4
         first = np.floor(outputs * scale + _MIN_OVERLAP).astype(np.int64)
@@ -187,17 +212,26 @@ def resize_volume(volume: np.ndarray, shape: tuple[int, int, int],
                   z_sampling: str = "area") -> np.ndarray:
     """Resize a ``(z, y, x)`` volume to ``shape``: area averaging when shrinking, linear when
     enlarging; in-plane slice by slice, then along z (or picking the nearest slices first when
-    ``z_sampling="nearest"`` and z shrinks, see :func:`z_sources`). Keeps the dtype."""
+    ``z_sampling="nearest"`` and z shrinks, see :func:`z_sources`, or averaging each output's
+    :func:`box_slices` when ``z_sampling="box"`` and z shrinks). Keeps the dtype."""
     if volume.ndim != 3:
         raise ValueError(f"resize_volume needs a (z, y, x) volume (got shape {volume.shape})")
     z, y, x = shape
     sources = z_sources(volume.shape[0], z, z_sampling)
     if sources is not None:
         volume = volume[sources]
+    box = z_sampling == "box" and z < volume.shape[0]
     if (y, x) != volume.shape[1:]:
         planes = np.empty((volume.shape[0], y, x), dtype=volume.dtype)
-        for i in range(volume.shape[0]):
+        used = (z_sources_of(volume.shape[0], z, np.arange(z), "box") if box
+                else range(volume.shape[0]))
+        for i in used:  # a box resize leaves some slices out: those are never read
             resize_plane(volume[i], (y, x), out=planes[i])
+    elif box:  # the caller's volume is not ours to overwrite
+        planes = np.ascontiguousarray(volume).copy()
+    if box:
+        return box_depth_inplace(planes, volume.shape[0], z)
+    if (y, x) != volume.shape[1:]:
         volume = planes
     if z != volume.shape[0]:
         interp = _interpolation(volume.shape[0], z)
@@ -267,6 +301,62 @@ def resize_depth_inplace(buffer: np.ndarray, depth_in: int, depth_out: int) -> n
     return buffer[:depth_out]
 
 
+def box_depth_inplace(buffer: np.ndarray, depth_in: int, depth_out: int,
+                      outputs: np.ndarray | list | None = None) -> np.ndarray:
+    """Shrink the first ``depth_in`` slices of ``buffer`` along z to ``depth_out`` slices by
+    averaging each output's :func:`box_slices`, in place.
+
+    Only the box slices of ``outputs`` (None: all) need to hold data; slice j of the result is
+    written for j in ``outputs`` only, the other slices are left as they are. Integer volumes
+    are rounded half up (``uint8`` stays ``uint8``), float volumes averaged.
+
+    Args:
+        buffer: C-contiguous ``(n, y, x)`` array, ``n >= depth_in > depth_out``.
+        depth_in: slices of the input volume (its first slices).
+        depth_out: slices wanted (fewer than ``depth_in``).
+        outputs: the output slices to make; None for all.
+
+    Returns:
+        ``buffer[:depth_out]``, a view.
+    """
+    if buffer.ndim != 3 or not buffer.flags.c_contiguous:
+        raise ValueError(f"box_depth_inplace needs a C-contiguous (z, y, x) buffer "
+                         f"(got shape {buffer.shape})")
+    if not 1 <= depth_out < depth_in <= buffer.shape[0]:
+        raise ValueError(f"box_depth_inplace shrinks z: it needs depth_out < depth_in <= "
+                         f"{buffer.shape[0]} slices (got {depth_in} -> {depth_out})")
+    boxes = box_slices(depth_in, depth_out)
+    outputs = (np.arange(depth_out) if outputs is None
+               else np.unique(np.asarray(outputs, dtype=np.int64).reshape(-1)))
+    if outputs.size and (outputs[0] < 0 or outputs[-1] >= depth_out):
+        raise ValueError(f"output slices must lie in [0, {depth_out}) (got {outputs[0]}.."
+                         f"{outputs[-1]})")
+    # Outputs are written in increasing order, output j into row j: every later box starts
+    # after row j (box starts rise by at least one slice per output when z shrinks; tested
+    # for every depth pair up to 400), so no row is overwritten before its last use.
+    width = boxes.shape[1]
+    integer = np.issubdtype(buffer.dtype, np.integer)
+    acc_type = (np.uint32 if width > 256 else np.uint16) if buffer.dtype == np.uint8 else (
+        np.int64 if integer else np.float64)
+    acc = np.empty(buffer.shape[1:], dtype=acc_type)
+    for j in outputs:
+        box = boxes[j]
+        if width == 1:
+            if box[0] != j:
+                buffer[j] = buffer[box[0]]
+            continue
+        np.add(buffer[box[0]], buffer[box[1]], out=acc, dtype=acc_type)
+        for i in box[2:]:
+            acc += buffer[i]
+        if integer:
+            acc += width // 2
+            acc //= width
+            buffer[j] = acc
+        else:
+            buffer[j] = acc / width
+    return buffer[:depth_out]
+
+
 def _interpolation(source_size: int, target_size: int) -> int:
     return cv2.INTER_AREA if target_size < source_size else cv2.INTER_LINEAR
 
@@ -280,7 +370,7 @@ def resample_to_spacing(volume: np.ndarray, source_spacing: float | tuple[float,
         volume: ``(z, y, x)`` array as read.
         source_spacing: angstroms per voxel of ``volume`` (one value or per axis).
         target_spacing: angstroms per voxel wanted.
-        z_sampling: ``"area"`` or ``"nearest"`` (see :func:`z_sources`).
+        z_sampling: ``"area"``, ``"box"`` or ``"nearest"`` (see :func:`z_sources`).
 
     Returns:
         The resampled volume and the frame from ``volume``'s voxels to its voxels.

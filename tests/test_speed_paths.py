@@ -20,10 +20,10 @@ from kernel_lib.config import PipelineConfig
 from kernel_lib.infer import Predictor, TomogramPrefetcher
 from kernel_lib.model import build_model
 from kernel_lib.normalize import histogram_uint8, normalize
-from kernel_lib.preprocess import preprocess_tomogram
-from kernel_lib.resample import (Frame, decode_frame, nearest_slices, resample_to_spacing,
-                                 resize_depth_inplace, resize_plane, resize_volume, z_sources,
-                                 z_sources_of)
+from kernel_lib.preprocess import preprocess_tomogram, reading_plan
+from kernel_lib.resample import (Frame, box_depth_inplace, box_slices, decode_frame,
+                                 nearest_slices, resample_to_spacing, resize_depth_inplace,
+                                 resize_plane, resize_volume, z_sources, z_sources_of)
 from kernel_lib.stacks import iter_stack_batches, slices_read, stack_offsets
 from kernel_lib.tomogram import (ReadReport, SliceWarning, choose_reduction, jpeg_size,
                                  list_slices, read_tomogram, reduced_size, stored_slice_shape)
@@ -213,6 +213,112 @@ def test_nearest_z_resample_picks_whole_slices_and_keeps_the_frame():
     assert area_frame == frame and not np.array_equal(area, out)
 
 
+# --- box z sampling -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("depth_in,depth_out", [(300, 146), (800, 390), (9, 4), (10, 4),
+                                                (21, 10), (7, 1), (5, 4), (3, 2), (40, 13)])
+def test_box_slices_are_round_s_neighbours_around_the_frame_centre(depth_in, depth_out):
+    boxes = box_slices(depth_in, depth_out)
+    scale = depth_in / depth_out
+    assert boxes.shape == (depth_out, max(1, int(np.floor(scale + 0.5))))
+    assert np.all(np.diff(boxes, axis=1) == 1)  # consecutive slices
+    assert boxes.min() >= 0 and boxes.max() < depth_in
+    frame = Frame.resize((depth_in, 1, 1), (depth_out, 1, 1))
+    exact = frame.inverse().apply(np.c_[np.arange(depth_out), np.zeros((depth_out, 2))])[:, 0]
+    assert np.all(np.abs(boxes.mean(axis=1) - exact) <= 0.5 + 1e-9)  # the frame still holds
+    if boxes.shape[1] == 1:  # a box one slice wide is the nearest slice
+        np.testing.assert_array_equal(boxes[:, 0], nearest_slices(depth_in, depth_out))
+    # 15.6 -> 32 A: two slices per model slice, where an area resize blends about three.
+    assert box_slices(300, 146).shape[1] == 2
+    assert z_sources(depth_in, depth_out, "box") is None  # a blend, not one slice each
+
+
+def test_box_writes_never_overwrite_a_later_box():
+    # box_depth_inplace writes output j into row j in increasing order: every later box must
+    # start after row j, for every shrinking depth pair.
+    for depth_in in range(2, 401):
+        for depth_out in range(1, depth_in):
+            starts = box_slices(depth_in, depth_out)[:, 0]
+            assert np.all(starts[1:] > np.arange(depth_out - 1)), (depth_in, depth_out)
+
+
+@pytest.mark.parametrize("depth_in,depth_out", [(21, 10), (300, 146), (9, 4), (10, 4),
+                                                (14, 13), (7, 1)])
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_box_resize_is_the_mean_of_each_box(depth_in, depth_out, dtype):
+    rng = np.random.default_rng(depth_in)
+    volume = rng.integers(0, 256, (depth_in, 6, 7)).astype(dtype)
+    boxes = box_slices(depth_in, depth_out)
+    mean = volume[boxes].astype(np.float64).mean(axis=1)
+    if dtype == np.uint8:  # rounded half up, never through a float that could wrap
+        expected = np.floor(mean + 0.5).astype(np.uint8)
+    else:
+        expected = mean.astype(dtype)
+    got = resize_volume(volume, (depth_out, 6, 7), "box")
+    assert got.dtype == dtype
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    buffer = volume.copy()
+    inplace = box_depth_inplace(buffer, depth_in, depth_out)
+    assert np.shares_memory(inplace, buffer)
+    np.testing.assert_array_equal(inplace, got)
+    # Only the asked outputs are written; only their boxes need to hold data.
+    outputs = np.arange(0, depth_out, 2)
+    partial = np.full_like(volume, 77)
+    needed = z_sources_of(depth_in, depth_out, outputs, "box")
+    partial[needed] = volume[needed]
+    result = box_depth_inplace(partial, depth_in, depth_out, outputs)
+    np.testing.assert_array_equal(result[outputs], got[outputs])
+    others = np.setdiff1d(np.arange(depth_out), outputs)
+    untouched = np.setdiff1d(others, needed)
+    assert np.all(result[untouched] == 77)
+    # Growing z interpolates as "area" does.
+    np.testing.assert_array_equal(resize_volume(volume, (depth_in + 3, 6, 7), "box"),
+                                  resize_volume(volume, (depth_in + 3, 6, 7), "area"))
+
+
+def test_box_depth_inplace_refuses_what_it_cannot_do():
+    buffer = np.zeros((10, 4, 4), np.uint8)
+    with pytest.raises(ValueError, match="shrinks z"):
+        box_depth_inplace(buffer, 10, 10)
+    with pytest.raises(ValueError, match="shrinks z"):
+        box_depth_inplace(buffer, 11, 5)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        box_depth_inplace(buffer[:, :, ::2], 10, 5)
+    with pytest.raises(ValueError, match=r"output slices must lie in \[0, 5\)"):
+        box_depth_inplace(buffer, 10, 5, [5])
+
+
+def test_box_resample_keeps_the_frame_and_halves_the_noise():
+    depth = 31
+    rng = np.random.default_rng(3)
+    ramp = np.arange(depth, dtype=np.float32)[:, None, None] * 8 + np.zeros((1, 12, 14))
+    out, frame = resample_to_spacing(ramp.astype(np.float32), 15.6, 32.0, z_sampling="box")
+    _, area_frame = resample_to_spacing(ramp.astype(np.float32), 15.6, 32.0)
+    assert out.shape == (15, 6, 7) and frame == area_frame
+    centres = frame.inverse().apply(np.c_[np.arange(15), np.full(15, 3.0), np.full(15, 3.0)])
+    assert np.all(np.abs(out[:, 3, 3] / 8 - centres[:, 0]) <= 0.5 + 1e-6)  # round trip
+    noise = rng.normal(0, 10, (300, 16, 16)).astype(np.float32)
+    box = resize_volume(noise, (146, 16, 16), "box")
+    nearest = resize_volume(noise, (146, 16, 16), "nearest")
+    assert 0.4 < box.var() / nearest.var() < 0.6  # two slices averaged, as area nearly does
+
+
+def test_reading_plans_read_what_their_resize_needs():
+    keep = np.arange(0, 146, 2)
+    box = reading_plan(300, 146, keep, "box")
+    area = reading_plan(300, 146, keep, "area")
+    nearest = reading_plan(300, 146, keep, "nearest")
+    assert len(box.select) == 146 and len(nearest.select) == 73  # 49 % and 24 % of the files
+    assert 200 <= len(area.select) <= 230
+    np.testing.assert_array_equal(box.rows, box.select)
+    np.testing.assert_array_equal(nearest.rows, keep)
+    assert box.buffer_depth == area.buffer_depth == 300 and nearest.buffer_depth == 146
+    every = reading_plan(300, 146, None, "box")  # the training cache skips the unused slices
+    assert 280 <= len(every.select) < 300
+    assert reading_plan(300, 146, None, "area").select is None
+    assert reading_plan(100, 140, keep[keep < 140], "box").buffer_depth == 140  # z grows
+
+
 # --- resampling in place -------------------------------------------------------------------
 
 @pytest.mark.parametrize("depth_out", [5, 13, 14, 23])
@@ -267,7 +373,9 @@ def test_normalize_overwrite_equals_a_new_array(per_slice):
     (15.6, 16.0, "volume", "area"), (15.6, 32.0, "volume", "area"),
     (19.7, 16.0, "slice", "area"), (6.5, 16.0, "volume", "area"),
     (15.6, 32.0, "volume", "nearest"), (19.7, 32.0, "slice", "nearest"),
-    (6.5, 16.0, "volume", "nearest"), (32.0, 16.0, "volume", "nearest")])
+    (6.5, 16.0, "volume", "nearest"), (32.0, 16.0, "volume", "nearest"),
+    (15.6, 32.0, "volume", "box"), (13.1, 32.0, "slice", "box"), (6.5, 16.0, "volume", "box"),
+    (32.0, 16.0, "volume", "box")])
 def test_streaming_preprocess_is_identical_to_the_plain_path(tmp_path, spacing, target, per,
                                                              z_sampling):
     folder = _write(tmp_path / "t", _volume(depth=21, h=150, w=131))
@@ -361,7 +469,7 @@ def test_cpu_predictor_autocasts_to_bf16_where_native_and_stays_close(monkeypatc
 @pytest.mark.parametrize("depth_in,depth_out", [(300, 146), (300, 150), (800, 390), (21, 10),
                                                 (20, 10), (10, 4), (9, 9), (5, 9), (14, 23),
                                                 (7, 1)])
-@pytest.mark.parametrize("z_sampling", ["area", "nearest"])
+@pytest.mark.parametrize("z_sampling", ["area", "nearest", "box"])
 def test_unlisted_sources_do_not_change_the_outputs(depth_in, depth_out, z_sampling):
     rng = np.random.default_rng(depth_in * 1000 + depth_out)
     volume = rng.integers(0, 256, (depth_in, 3, 5), dtype=np.uint8)
@@ -459,7 +567,8 @@ def test_normalize_only_some_slices(per_slice, dtype):
 @pytest.mark.parametrize("spacing,target,per,z_sampling,half,step", [
     (15.6, 32.0, "volume", "area", 2, 64.0), (13.1, 32.0, "slice", "area", 2, 64.0),
     (19.7, 32.0, "volume", "area", 1, 32.0), (15.6, 32.0, "volume", "nearest", 2, 64.0),
-    (6.5, 16.0, "slice", "area", 2, 64.0), (40.0, 32.0, "volume", "area", 2, 64.0)])
+    (6.5, 16.0, "slice", "area", 2, 64.0), (40.0, 32.0, "volume", "area", 2, 64.0),
+    (15.6, 32.0, "volume", "box", 2, 64.0), (13.1, 32.0, "slice", "box", 1, 32.0)])
 def test_inference_prepares_only_the_slices_the_stacks_read(tmp_path, monkeypatch, spacing,
                                                           target, per, z_sampling, half, step):
     import kernel_lib.tomogram as tomogram
