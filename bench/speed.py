@@ -50,7 +50,7 @@ from kernel_lib.model import build_model, pad_to_multiple
 from kernel_lib.normalize import normalize, percentile_bounds
 from kernel_lib.preprocess import preprocess_tomogram, reading_plan
 from kernel_lib.resample import resample_to_spacing, target_shape
-from kernel_lib.stacks import iter_stack_batches, slices_read, stack_offsets
+from kernel_lib.stacks import iter_stack_batches, slices_read
 from kernel_lib.synthetic import render_tomogram, write_tomogram
 from kernel_lib.tomogram import (choose_reduction, list_slices, read_tomogram, reduced_size,
                                  stored_slice_shape)
@@ -201,7 +201,7 @@ def bench_one(folder: Path, target: float, args: argparse.Namespace) -> dict:
     decoded_spacing = (spacing, spacing * reduction, spacing * reduction)
     shape = target_shape(decoded, decoded_spacing, target)
     predictor = Predictor([default_model(cfg)], cfg, "cpu", batch_size=args.batch_size)
-    offsets = stack_offsets(cfg.stack_half, cfg.stack_step_slices)
+    offsets = cfg.stack_offsets
     n_stacks = math.ceil(shape[0] / cfg.z_stride)
     # What inference prepares: the model slices the stacks read, from the sources they need.
     keep = slices_read(shape[0], offsets, cfg.z_stride)

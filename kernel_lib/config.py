@@ -20,7 +20,10 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
 
 CONFIG_VERSION = 1
 CONFIG_NAME = "config.json"
@@ -172,6 +175,13 @@ class PipelineConfig:
     def stack_step_slices(self) -> int:
         """Channel spacing in model slices (at least 1)."""
         return max(1, round(self.stack_step_angstrom / self.target_spacing))
+
+    @property
+    def stack_offsets(self) -> np.ndarray:
+        """Offsets in model slices of a 2.5D stack's channels from its centre slice."""
+        from .stacks import stack_offsets
+
+        return stack_offsets(self.stack_half, self.stack_step_slices)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

@@ -52,7 +52,7 @@ from .model import HeatmapModel, ModelError, load_checkpoint, pad_to_multiple
 from .peaks import find_peaks, nms_radius_voxels
 from .preprocess import Preprocessed, preprocess_tomogram
 from .resample import Frame, heatmap_frame
-from .stacks import iter_stack_batches, slices_read, stack_offsets
+from .stacks import iter_stack_batches, slices_read
 from .threshold import apply_threshold
 
 INPUT_MEAN, INPUT_STD = 0.5, 0.25  # uint8 [0, 255] -> roughly zero-mean, unit-variance input
@@ -139,7 +139,7 @@ class Predictor:
         self.cfg, self.batch_size = cfg, batch_size
         self.tta = cfg.tta if tta is None else bool(tta)
         self.amp = amp
-        self.offsets = stack_offsets(cfg.stack_half, cfg.stack_step_slices)
+        self.offsets = cfg.stack_offsets
 
     @torch.inference_mode()
     def heatmap(self, volume: np.ndarray, z_stride: int | None = None,

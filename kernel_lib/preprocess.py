@@ -32,7 +32,7 @@ from .config import PipelineConfig, atomic_write_bytes, atomic_write_text
 from .normalize import normalize
 from .resample import (Frame, box_depth_inplace, decode_frame, resample_to_spacing,
                        resize_depth_inplace, target_shape, z_sources, z_sources_of)
-from .stacks import slices_read, stack_offsets
+from .stacks import slices_read
 from .tomogram import (ReadReport, choose_reduction, list_slices, read_tomogram, reduced_size,
                        slice_positions, stored_slice_shape)
 
@@ -172,7 +172,7 @@ def _slices_needed(depth: int, cfg: PipelineConfig, z_stride: int | None) -> np.
     """Model slices the stacks of every ``z_stride``-th slice read; None when that is all."""
     if z_stride is None:
         return None
-    keep = slices_read(depth, stack_offsets(cfg.stack_half, cfg.stack_step_slices), z_stride)
+    keep = slices_read(depth, cfg.stack_offsets, z_stride)
     return None if len(keep) == depth else keep
 
 

@@ -50,7 +50,6 @@ from .peaks import find_peaks, nms_radius_voxels
 from .preprocess import CacheEntry, build_cache
 from .resample import heatmap_frame
 from .sampling import Augment, SampleSpec, StackSampler, dark_spots, far_from
-from .stacks import stack_offsets
 from .threshold import apply_threshold, sweep_thresholds
 from .tomogram import TomogramError
 
@@ -413,7 +412,7 @@ def train(data_root: str | os.PathLike, run_dir: str | os.PathLike,
         cfg, cache_root, progress=progress)
 
     spec = SampleSpec(tcfg.crop, cfg.sigma_angstrom / cfg.target_spacing, cfg.output_stride,
-                      stack_offsets(cfg.stack_half, cfg.stack_step_slices))
+                      cfg.stack_offsets)
     volumes = {t: e.load() for t, e in train_entries.items()}
     train_motors = motors_in_model_frame(motors, train_entries)
     hard = {}
