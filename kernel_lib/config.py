@@ -86,11 +86,14 @@ class PipelineConfig:
         percentile_high: upper clip percentile of the intensity normalisation.
         normalize_per: ``"volume"`` or ``"slice"`` percentile statistics.
         z_sampling: how z shrinks to the target spacing: ``"area"`` (default) averages every
-            source slice; ``"nearest"`` takes the nearest source slice for each model slice, so
-            only those are decoded (about half of them at 32 A: the data path took 0.4x a
-            plain decode instead of 0.7-0.8x, at a measured accuracy cost with resnet18; see
-            bench/RESULTS.md). Either way inference decodes only the sources of the model
-            slices its stacks read (0.6x by default).
+            source slice; ``"box"`` averages the ``round(s)`` source slices nearest each model
+            slice's centre (``s`` source slices per model slice: 2 at 15.6 -> 32 A, where area
+            blends about 3), so inference decodes half the JPEGs instead of three quarters;
+            ``"nearest"`` takes the nearest source slice for each model slice (a quarter).
+            Either way inference decodes only the sources of the model slices its stacks read.
+            Box and nearest meet the CPU data-path target (0.5x a plain decode; area 0.6x) but
+            ranked tomograms less well with resnet18 (box by about 0.03 AUC over three
+            training seeds, nearest by much more; bench/RESULTS.md).
         stack_half: n, so a 2.5D stack has ``2n + 1`` channels.
         stack_step_angstrom: distance between neighbouring channels of a stack, in angstroms.
             The default, 5 slices 64 A apart (+-128 A, most of a motor's depth), against 3

@@ -39,7 +39,7 @@ from .tomogram import (ReadReport, choose_reduction, list_slices, read_tomogram,
 MANIFEST_NAME = "manifest.json"
 _PREPROCESSING_FIELDS = ("target_spacing", "percentile_low", "percentile_high", "normalize_per",
                          "z_sampling")
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: near-identity in-plane shrinks are bilinear (resample.resize_plane)
 
 
 @dataclass

@@ -342,6 +342,24 @@ def test_resize_plane_writes_into_out():
                                                      interpolation=cv2.INTER_AREA))
 
 
+
+@pytest.mark.parametrize("shape,interp", [
+    ((452, 468), cv2.INTER_LINEAR),   # 15.6 A decoded at 1/2 (31.2 A) -> 32 A: 2.6 % smaller
+    ((441, 456), cv2.INTER_LINEAR),   # 5 % smaller per side: still bilinear
+    ((440, 480), cv2.INTER_AREA),     # one side more than 5 % smaller: area
+    ((290, 300), cv2.INTER_AREA),     # 19.7 A -> 32 A at full decode: area
+    ((500, 520), cv2.INTER_LINEAR),   # growing
+    ((470, 470), cv2.INTER_LINEAR)])  # one side grows, the other shrinks by 2 %
+def test_resize_plane_filters_near_identity_shrinks_bilinearly(shape, interp):
+    image = np.random.default_rng(4).integers(0, 256, (464, 480), dtype=np.uint8)
+    expected = cv2.resize(image, shape[::-1], interpolation=interp)
+    np.testing.assert_array_equal(resize_plane(image, shape), expected)
+    out = np.empty(shape, np.uint8)
+    np.testing.assert_array_equal(resize_plane(image, shape, out=out), expected)
+    if interp == cv2.INTER_LINEAR and shape[0] < 464:  # the two filters barely differ there
+        area = cv2.resize(image, shape[::-1], interpolation=cv2.INTER_AREA)
+        assert np.abs(area.astype(int) - expected).mean() < 2.0
+
 # --- normalisation --------------------------------------------------------------------------
 
 def test_histogram_of_a_plane_beyond_float32_counts():
