@@ -91,9 +91,10 @@ class PipelineConfig:
             blends about 3), so inference decodes half the JPEGs instead of three quarters;
             ``"nearest"`` takes the nearest source slice for each model slice (a quarter).
             Either way inference decodes only the sources of the model slices its stacks read.
-            Box and nearest meet the CPU data-path target (0.5x a plain decode; area 0.6x) but
-            ranked tomograms less well with resnet18 (box by about 0.03 AUC over three
-            training seeds, nearest by much more; bench/RESULTS.md).
+            Box and nearest meet the CPU data-path target (0.5x a plain decode: box 0.36x,
+            area 0.52-0.58x) but ranked tomograms less well with resnet18 (box by 0.022 AUC
+            and 0.04 F2 on average over four training seeds on 90 test tomograms, nearest by
+            much more; bench/RESULTS.md, sessions 3 and 7).
         stack_half: n, so a 2.5D stack has ``2n + 1`` channels.
         stack_step_angstrom: distance between neighbouring channels of a stack, in angstroms.
             The default, 5 slices 64 A apart (+-128 A, most of a motor's depth), against 3
