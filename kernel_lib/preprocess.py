@@ -74,8 +74,9 @@ def preprocess_tomogram(folder: str | os.PathLike, source_spacing: float,
     in place, so the only volume ever held is one at the model's resolution (``uint8``). With
     ``cfg.z_sampling == "nearest"`` only the source slices nearest to the model slices are
     decoded and there is no z resize at all; with ``"box"`` only the slices of each model
-    slice's box (:func:`~kernel_lib.resample.box_slices`). The result is identical to reading the whole
-    volume, then resampling, then normalising, which is what other slice formats still do.
+    slice's box (:func:`~kernel_lib.resample.box_slices`). The result is identical to reading
+    the whole volume, then resampling, then normalising, which is what other slice formats
+    still do.
 
     With ``z_stride`` (inference), only the model slices that the 2.5D stacks centred on every
     ``z_stride``-th slice read are prepared (:func:`~kernel_lib.stacks.slices_read`; with the

@@ -212,10 +212,11 @@ def z_sources_of(depth_in: int, depth_out: int, outputs: np.ndarray | list,
 
 def resize_volume(volume: np.ndarray, shape: tuple[int, int, int],
                   z_sampling: str = "area") -> np.ndarray:
-    """Resize a ``(z, y, x)`` volume to ``shape``: area averaging when shrinking, linear when
-    enlarging; in-plane slice by slice (:func:`resize_plane`), then along z (or picking the nearest slices first when
-    ``z_sampling="nearest"`` and z shrinks, see :func:`z_sources`, or averaging each output's
-    :func:`box_slices` when ``z_sampling="box"`` and z shrinks). Keeps the dtype."""
+    """Resize a ``(z, y, x)`` volume to ``shape``: in-plane slice by slice
+    (:func:`resize_plane`), then along z by area averaging when shrinking, linear when
+    enlarging (or picking the nearest slices first when ``z_sampling="nearest"`` and z
+    shrinks, see :func:`z_sources`, or averaging each output's :func:`box_slices` when
+    ``z_sampling="box"`` and z shrinks). Keeps the dtype."""
     if volume.ndim != 3:
         raise ValueError(f"resize_volume needs a (z, y, x) volume (got shape {volume.shape})")
     z, y, x = shape
