@@ -92,7 +92,7 @@ class PipelineConfig:
             ``"nearest"`` takes the nearest source slice for each model slice (a quarter).
             Either way inference decodes only the sources of the model slices its stacks read.
             Box and nearest meet the CPU data-path target (0.5x a plain decode: box 0.36x,
-            area 0.52-0.58x) but ranked tomograms less well with resnet18 (box by 0.022 AUC
+            area 0.52-0.62x) but ranked tomograms less well with resnet18 (box by 0.022 AUC
             and 0.04 F2 on average over four training seeds on 90 test tomograms, nearest by
             much more; bench/RESULTS.md, sessions 3 and 7).
         stack_half: n, so a 2.5D stack has ``2n + 1`` channels.
