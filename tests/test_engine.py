@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -161,6 +162,18 @@ def test_the_other_z_sampling_trains_caches_apart_and_predicts(tiny, trained, tm
     assert table["error"].is_null().all() and (table["Motor axis 0"] >= 0).all()
     with pytest.raises(InferenceError, match="z_sampling"):  # an ensemble must preprocess alike
         run_inference(tiny, [run_dir, trained], progress=False)
+
+
+@pytest.mark.slow
+def test_an_ensemble_of_runs_with_different_assumed_spacings_says_how_to_fix_it(tiny, trained,
+                                                                                tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(trained, other)
+    cfg = PipelineConfig.load(other)
+    cfg.assumed_test_spacing = cfg.assumed_test_spacing + 1.0
+    cfg.save(other)
+    with pytest.raises(InferenceError, match=r"assumed_test_spacing.*--assumed-test-spacing"):
+        run_inference(tiny, [trained, other], progress=False)
 
 
 def test_train_is_deterministic_on_cpu(tiny, tmp_path):
