@@ -164,10 +164,7 @@ class Predictor:
                            math.ceil(w / stride)), dtype=torch.float32)
         row = 0
         for _, stacks in iter_stack_batches(volume, self.offsets, self.batch_size, z_stride):
-            stacks = torch.from_numpy(stacks)
-            if self.channels_last:  # elementwise ops and padding keep the layout to the model
-                stacks = stacks.contiguous(memory_format=torch.channels_last)
-            probs = self._predict(stacks)[:, 0, :out.shape[1], :out.shape[2]]
+            probs = self._predict(torch.from_numpy(stacks))[:, 0, :out.shape[1], :out.shape[2]]
             out[row:row + len(probs)] = torch.nan_to_num(probs.float().cpu(), nan=0.0,
                                                          posinf=1.0, neginf=0.0)
             row += len(probs)
@@ -176,8 +173,10 @@ class Predictor:
     def _predict(self, stacks: torch.Tensor) -> torch.Tensor:
         """Forward ``uint8`` stacks, retrying smaller batches, then the CPU, when out of memory."""
         try:
-            x = model_input(stacks.to(self.device))
-            x, _ = pad_to_multiple(x, self.multiple)
+            x = stacks.to(self.device)
+            if self.channels_last:  # on the device (on a GPU the host skips the transpose);
+                x = x.contiguous(memory_format=torch.channels_last)  # later ops keep the layout
+            x, _ = pad_to_multiple(model_input(x), self.multiple)
             return self._forward(x)
         except (torch.OutOfMemoryError, RuntimeError) as exc:
             if not _is_out_of_memory(exc):

@@ -451,8 +451,14 @@ def test_channels_last_predictor_matches_contiguous():
     model = build_model(cfg)
     torch.nn.init.normal_(model.head.weight, std=0.1)  # the zero-initialised head hides layout
     volume = np.random.default_rng(3).integers(0, 256, (6, 70, 90), dtype=np.uint8)
+    layouts = []
+    model.register_forward_pre_hook(lambda module, args: layouts.append(
+        args[0].is_contiguous(memory_format=torch.channels_last) and args[0].stride(1) == 1))
     heat_cl = Predictor([model], cfg, channels_last=True, amp=False).heatmap(volume)
+    assert layouts and all(layouts)  # the input reaches the model channels-last
+    layouts.clear()
     heat = Predictor([model], cfg, channels_last=False, amp=False).heatmap(volume)
+    assert layouts and not any(layouts)
     assert heat.std() > 0
     torch.testing.assert_close(heat_cl, heat, atol=1e-4, rtol=1e-4)
 
