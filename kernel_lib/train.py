@@ -443,6 +443,10 @@ def train(data_root: str | os.PathLike, run_dir: str | os.PathLike,
     state_path = run_dir / STATE_NAME
     if resume and state_path.is_file():
         state = torch.load(state_path, map_location=device, weights_only=False)
+        run = {"seed": tcfg.seed, "fold": tcfg.fold, "n_folds": tcfg.n_folds}
+        if state.get("run", run) != run:  # another seed or split is another run, not a resume
+            raise TrainError(f"{state_path} belongs to a run with {state['run']}, not {run}: "
+                             f"use a new --out for it, or pass --no-resume to start over")
         if PipelineConfig.from_dict(state["config"]) != cfg:
             raise TrainError(f"{state_path} was written with other settings: use a new "
                              f"--out, or pass --no-resume to start over")
@@ -533,7 +537,8 @@ def train(data_root: str | os.PathLike, run_dir: str | os.PathLike,
             "history": history, "best_f2": best_f2, "top_f2": top_f2, "epoch": epoch + 1,
             "step": step,
             "mined": {t: c.tolist() for t, c in mined.items()},
-            "config": cfg.to_dict(), "elapsed": _minutes(started, elapsed_before) * 60}))
+            "config": cfg.to_dict(), "elapsed": _minutes(started, elapsed_before) * 60,
+            "run": {"seed": tcfg.seed, "fold": tcfg.fold, "n_folds": tcfg.n_folds}}))
         summary = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                             for k, v in row.items())
         tqdm.write(summary) if progress else None

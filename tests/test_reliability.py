@@ -91,6 +91,18 @@ def test_changed_settings_refuse_to_resume(tiny, tmp_path):
               _tcfg(cache, epochs=2), progress=False)
 
 
+def test_another_seed_or_fold_refuses_to_resume(tiny, tmp_path):
+    # Training a second seed into the first one's folder must not quietly continue the first.
+    cache = tmp_path / "cache"
+    train(tiny, tmp_path / "run", CFG, _tcfg(cache, epochs=1), progress=False)
+    assert _state(tmp_path / "run")["run"] == {"seed": 9, "fold": -1, "n_folds": 5}
+    for change in ({"seed": 10}, {"fold": 0, "n_folds": 3}):
+        with pytest.raises(TrainError, match=r"belongs to a run with .*'seed': 9.*new --out"):
+            train(tiny, tmp_path / "run", CFG, _tcfg(cache, epochs=2, **change), progress=False)
+    resumed = train(tiny, tmp_path / "run", CFG, _tcfg(cache, epochs=2), progress=False)
+    assert resumed.epochs_done == 2  # the same run still resumes
+
+
 # ---------------------------------------------------------------- the users' mistakes, CLIs
 
 
