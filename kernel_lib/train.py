@@ -441,12 +441,13 @@ def train(data_root: str | os.PathLike, run_dir: str | os.PathLike,
     top_f2 = None  # the highest validation F2 so far (best_f2 is the saved checkpoint's)
     mined: dict[str, np.ndarray] = {}
     state_path = run_dir / STATE_NAME
+    run_key = {"seed": tcfg.seed, "fold": tcfg.fold, "n_folds": tcfg.n_folds}
     if resume and state_path.is_file():
         state = torch.load(state_path, map_location=device, weights_only=False)
-        run = {"seed": tcfg.seed, "fold": tcfg.fold, "n_folds": tcfg.n_folds}
-        if state.get("run", run) != run:  # another seed or split is another run, not a resume
-            raise TrainError(f"{state_path} belongs to a run with {state['run']}, not {run}: "
-                             f"use a new --out for it, or pass --no-resume to start over")
+        if state.get("run", run_key) != run_key:  # another seed or split: another run
+            raise TrainError(f"{state_path} belongs to a run with {state['run']}, not "
+                             f"{run_key}: use a new --out for it, or pass --no-resume to start "
+                             f"over")
         if PipelineConfig.from_dict(state["config"]) != cfg:
             raise TrainError(f"{state_path} was written with other settings: use a new "
                              f"--out, or pass --no-resume to start over")
@@ -538,7 +539,7 @@ def train(data_root: str | os.PathLike, run_dir: str | os.PathLike,
             "step": step,
             "mined": {t: c.tolist() for t, c in mined.items()},
             "config": cfg.to_dict(), "elapsed": _minutes(started, elapsed_before) * 60,
-            "run": {"seed": tcfg.seed, "fold": tcfg.fold, "n_folds": tcfg.n_folds}}))
+            "run": run_key}))
         summary = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                             for k, v in row.items())
         tqdm.write(summary) if progress else None
