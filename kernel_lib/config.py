@@ -80,8 +80,9 @@ class PipelineConfig:
             entries worked at about 20-35 A (fixed-shape resizes), and it is 4-8x cheaper than
             16 A (bench/RESULTS.md).
         assumed_test_spacing: angstroms per original voxel assumed for tomograms whose spacing is
-            unknown (all test tomograms). Training sets it to the median of its training spacings
-            when it is None.
+            unknown (all test tomograms). Training sets it to the median spacing of all the
+            labelled tomograms when it is None (not only its training folds', so runs of other
+            folds and seeds agree and can be ensembled).
         percentile_low: lower clip percentile of the intensity normalisation.
         percentile_high: upper clip percentile of the intensity normalisation.
         normalize_per: ``"volume"`` or ``"slice"`` percentile statistics.

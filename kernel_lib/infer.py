@@ -388,8 +388,8 @@ def load_ensemble(weights: Sequence[str | os.PathLike], device: torch.device | s
     for run_dir, cfg in zip(weights[1:], configs[1:]):
         differs = [name for name in shared if getattr(cfg, name) != getattr(configs[0], name)]
         if differs:
-            hint = (" (the median training spacing, which depends on the fold: train each run "
-                    "with the same --assumed-test-spacing)"
+            hint = (" (train each run on the same train_labels.csv, or with the same "
+                    "--assumed-test-spacing)"
                     if "assumed_test_spacing" in differs else "")
             raise InferenceError(f"{run_dir} differs from {weights[0]} in {differs}: an ensemble "
                                  f"needs the same preprocessing and heatmap geometry{hint}")

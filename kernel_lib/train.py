@@ -396,8 +396,9 @@ def train(data_root: str | os.PathLike, run_dir: str | os.PathLike,
     train_tomos = tomograms.filter(~pl.col("tomo_id").is_in(list(val_ids)))
     if train_tomos.height == 0:
         raise TrainError("no tomogram left for training: lower --n-folds or add data")
-    if cfg.assumed_test_spacing is None:
-        cfg = cfg.replace(assumed_test_spacing=float(train_tomos["voxel_spacing"].median()))
+    if cfg.assumed_test_spacing is None:  # every labelled tomogram's, not only the training
+        # folds': runs of other folds and seeds then preprocess alike and can be ensembled
+        cfg = cfg.replace(assumed_test_spacing=float(tomograms["voxel_spacing"].median()))
     atomic_write_text(run_dir / "train_config.json",
                       json.dumps(dataclasses.asdict(tcfg), indent=2, default=list) + "\n")
 
@@ -611,7 +612,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--encoder", default=pdefaults.encoder)
     parser.add_argument("--target-spacing", type=float, default=pdefaults.target_spacing)
     parser.add_argument("--assumed-test-spacing", type=float, default=None,
-                        help="spacing assumed for test tomograms (default: median of train)")
+                        help="spacing assumed for test tomograms (default: the median of all "
+                        "labelled tomograms, whatever the fold)")
     parser.add_argument("--stack-half", type=int, default=pdefaults.stack_half,
                         help="n: 2n + 1 slices per 2.5D stack")
     parser.add_argument("--stack-step", type=float, default=pdefaults.stack_step_angstrom,

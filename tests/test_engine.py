@@ -176,6 +176,20 @@ def test_an_ensemble_of_runs_with_different_assumed_spacings_says_how_to_fix_it(
         run_inference(tiny, [trained, other], progress=False)
 
 
+@pytest.mark.slow
+def test_runs_of_other_folds_and_seeds_assume_the_same_test_spacing_and_ensemble(tiny, trained,
+                                                                                 tmp_path):
+    other = tmp_path / "other"
+    train(tiny, other, PipelineConfig(decoder_channels=(32, 16)),
+          TrainConfig(epochs=1, steps_per_epoch=1, batch_size=2, crop=64, n_folds=3, fold=2,
+                      seed=7, cache_dir=str(trained.parent / "cache")), progress=False)
+    spacings = pl.read_csv(tiny / "train_labels.csv").unique("tomo_id")["Voxel spacing"]
+    assert (PipelineConfig.load(other).assumed_test_spacing
+            == PipelineConfig.load(trained).assumed_test_spacing == float(spacings.median()))
+    table = run_inference(tiny, [trained, other], threshold="fixed:0.0", progress=False)
+    assert table["error"].is_null().all() and table.height == 3
+
+
 def test_train_is_deterministic_on_cpu(tiny, tmp_path):
     cfg = PipelineConfig(decoder_channels=(16, 8))
     results = []
