@@ -3,7 +3,9 @@
 For each tomogram: read and preprocess exactly as the checkpoint's config says (with the
 config's assumed spacing: test tomograms have none), run the model (or an ensemble, optionally
 with flip TTA) over 2.5D stacks of every ``z_stride``-th slice in batches, decode 3D peaks with
-max-pool NMS, and map them back to original voxels. Then one threshold rule over the whole run
+max-pool NMS, and map them back to original voxels. When the run directory has a verifier
+(:mod:`kernel_lib.verify`), a small 3D CNN re-scores the top peaks and the best by the combined
+score is the answer. Then one threshold rule over the whole run
 (fixed, or the quantile trick) decides which tomograms have a motor. A tomogram that fails gets
 a ``-1`` row and a warning naming it; the run goes on.
 
@@ -16,11 +18,13 @@ Command line::
 
     python -m kernel_lib.infer --data-root DIR --weights RUN_DIR [RUN_DIR ...] \\
         [--split test] --out submission.csv [--threshold quantile:0.45] [--[no-]tta] \\
+        [--[no-]verifier] \\
         [--deadline-minutes 600 | --deadline 2026-03-01T21:30] [--prefetch 1] [--compile]
 
 Example:
     >>> from kernel_lib.infer import run_inference  # doctest: +SKIP
-    >>> table = run_inference("data/synthetic", ["runs/fold0"], out="submission.csv")  # doctest: +SKIP
+    >>> table = run_inference("data/synthetic", ["runs/fold0"],  # doctest: +SKIP
+    ...                       out="submission.csv")
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ from .preprocess import Preprocessed, preprocess_tomogram
 from .resample import Frame, heatmap_frame
 from .stacks import iter_stack_batches, slices_read
 from .threshold import apply_threshold
+from .verify import Verifier, VerifierError, load_verifier
 
 INPUT_MEAN, INPUT_STD = 0.5, 0.25  # uint8 [0, 255] -> roughly zero-mean, unit-variance input
 TOP_K = 5
@@ -123,13 +128,17 @@ class Predictor:
             on CPU alike; same results up to float rounding).
         compile: wrap each model in ``torch.compile`` (off by default: unmeasured on GPU, and
             the first batch pays the compilation).
+        verifier: re-scores the top peaks of each tomogram (:func:`locate_peaks`); None: the
+            heatmap's peaks as they are.
     """
 
     def __init__(self, models: Sequence[HeatmapModel], cfg: PipelineConfig,
                  device: torch.device | str = "cpu", batch_size: int = 8,
                  tta: bool | None = None,
-                 amp: bool = True, channels_last: bool = True, compile: bool = False) -> None:
+                 amp: bool = True, channels_last: bool = True, compile: bool = False,
+                 verifier: Verifier | None = None) -> None:
         self.device = torch.device(device)
+        self.verifier = verifier
         self.channels_last = channels_last
         layout = torch.channels_last if channels_last else torch.contiguous_format
         self.models = [m.to(self.device, memory_format=layout).eval() for m in models]
@@ -241,6 +250,18 @@ def decode_peaks(heat: torch.Tensor | np.ndarray, cfg: PipelineConfig, frame: Fr
     return peaks
 
 
+def locate_peaks(predictor: Predictor, volume: np.ndarray, frame: Frame,
+                 original_shape: Sequence[int], model_slices: np.ndarray | None = None,
+                 ) -> np.ndarray:
+    """Heatmap, peaks in original voxels and, with a verifier, their combined scores: ``(k, 4)``
+    of ``(z, y, x, score)``, best first."""
+    heat = predictor.heatmap(volume, model_slices=model_slices)
+    peaks = decode_peaks(heat, predictor.cfg, frame, original_shape)
+    if predictor.verifier is not None:
+        peaks = predictor.verifier.rescore(peaks, volume, frame, model_slices)
+    return peaks
+
+
 @dataclass
 class TomogramResult:
     """What inference found in one tomogram (coordinates in original voxels)."""
@@ -262,8 +283,8 @@ def predict_tomogram(folder: str | os.PathLike, predictor: Predictor, source_spa
     started = time.perf_counter()
     cfg = predictor.cfg
     prep = preprocess_tomogram(folder, source_spacing, cfg, z_stride=cfg.z_stride)
-    heat = predictor.heatmap(prep.volume, model_slices=prep.model_slices)
-    peaks = decode_peaks(heat, cfg, prep.frame, prep.original_shape)
+    peaks = locate_peaks(predictor, prep.volume, prep.frame, prep.original_shape,
+                         prep.model_slices)
     return TomogramResult(tomo_id or Path(folder).name, peaks, time.perf_counter() - started)
 
 
@@ -340,8 +361,8 @@ def _predict_prepared(tomo_id: str, prep: Preprocessed | None, error: Exception 
     try:
         if error is not None:
             raise error
-        heat = predictor.heatmap(prep.volume, model_slices=prep.model_slices)
-        peaks = decode_peaks(heat, predictor.cfg, prep.frame, prep.original_shape)
+        peaks = locate_peaks(predictor, prep.volume, prep.frame, prep.original_shape,
+                             prep.model_slices)
         return TomogramResult(tomo_id, peaks, read_seconds + time.perf_counter() - started)
     except Exception as exc:  # one bad tomogram must not sink the submission
         message = f"{type(exc).__name__}: {exc}"
@@ -396,6 +417,30 @@ def load_ensemble(weights: Sequence[str | os.PathLike], device: torch.device | s
     return models, configs[0]
 
 
+def load_verifiers(weights: Sequence[str | os.PathLike], device: torch.device | str = "cpu",
+                   amp: bool = True) -> tuple[Verifier | None, ThresholdRule | None]:
+    """The runs' verifiers as one (probabilities averaged) and the first run's rule for use
+    without its verifier; ``(None, None)`` when no run has one."""
+    loaded = []
+    for run_dir in weights:
+        try:
+            loaded.append(load_verifier(run_dir, map_location=device))
+        except VerifierError as exc:
+            raise InferenceError(str(exc)) from None
+    nets = [item[0] for item in loaded if item is not None]
+    if not nets:
+        return None, None
+    if len(nets) < len(loaded):
+        missing = [str(w) for w, item in zip(weights, loaded) if item is None]
+        warnings.warn(f"{len(missing)} run(s) have no verifier ({missing[:3]}): the others' "
+                      f"verifiers re-score the ensemble's peaks", stacklevel=2)
+    try:
+        verifier = Verifier(nets, device, amp=amp)
+    except VerifierError as exc:
+        raise InferenceError(f"{exc}: ensemble runs trained with the same verifier settings")
+    return verifier, (loaded[0][1] if loaded[0] is not None else None)
+
+
 def list_test_tomograms(data_root: Path, split: str) -> list[str]:
     """Tomogram ids to predict: ``sample_submission.csv`` order, else the split's folders."""
     split_dir = data_root / split
@@ -423,7 +468,8 @@ def run_inference(data_root: str | os.PathLike, weights: Sequence[str | os.PathL
                   progress: bool = True, predictor: Predictor | None = None,
                   deadline: Deadline | float | None = None,
                   reserve_seconds: float = DEFAULT_RESERVE_SECONDS, prefetch: int = 1,
-                  compile_model: bool = False, amp: bool = True) -> pl.DataFrame:
+                  compile_model: bool = False, amp: bool = True,
+                  verifier: bool | None = None) -> pl.DataFrame:
     """Predict every tomogram of a split and write the submission.
 
     Args:
@@ -452,6 +498,9 @@ def run_inference(data_root: str | os.PathLike, weights: Sequence[str | os.PathL
         compile_model: ``torch.compile`` the models (see :class:`Predictor`).
         amp: mixed precision where the device runs it fast (see :func:`autocast_dtype`);
             False keeps float32.
+        verifier: re-score the top peaks with the runs' verifiers (``verifier.pt``); None:
+            when they have one. Off, the rule is the one validation chose without it. Ignored
+            when ``predictor`` is given (its own ``verifier`` is used).
 
     Returns:
         A DataFrame with the submission columns plus ``score``, ``peak_z/y/x`` and ``error``
@@ -461,15 +510,28 @@ def run_inference(data_root: str | os.PathLike, weights: Sequence[str | os.PathL
     if not data_root.is_dir():
         raise InferenceError(f"--data-root {data_root} does not exist: point it at the "
                              f"competition folder (with test/ and sample_submission.csv)")
+    checker, rule_without = None, None
     if predictor is None:
         dev = pick_device(device)
         models, cfg = load_ensemble(list(weights or []), dev)
+        if verifier is not False:
+            checker, rule_without = load_verifiers(list(weights), dev, amp)
+            if verifier and checker is None:
+                raise InferenceError(f"--verifier: none of {[str(w) for w in weights]} has a "
+                                     f"verifier.pt; train with --verifier-steps > 0 or drop "
+                                     f"the flag")
+        elif weights:
+            try:  # only the rule is needed; a damaged verifier must not stop a run without it
+                rule_without = load_verifiers(list(weights[:1]), dev, amp)[1]
+            except InferenceError as exc:
+                warnings.warn(f"{exc}; using config.json's rule", stacklevel=2)
     else:
         cfg = predictor.cfg
     if z_stride:
         cfg = cfg.replace(z_stride=z_stride)
+    default_rule = rule_without if (verifier is False and rule_without) else cfg.threshold
     rule = ThresholdRule.parse(threshold) if isinstance(threshold, str) else (threshold or
-                                                                               cfg.threshold)
+                                                                               default_rule)
     if cfg.assumed_test_spacing is None and not spacings:
         raise InferenceError("the checkpoint's config has no assumed_test_spacing: retrain, or "
                              "set it in config.json (angstroms per voxel, e.g. 15.6)")
@@ -482,7 +544,7 @@ def run_inference(data_root: str | os.PathLike, weights: Sequence[str | os.PathL
         raise InferenceError(str(exc)) from None
     if predictor is None:
         predictor = Predictor(models, cfg, dev, batch_size=batch_size, tta=tta,
-                              amp=amp, compile=compile_model)
+                              amp=amp, compile=compile_model, verifier=checker)
     predictor.cfg = cfg
     ids = list_test_tomograms(data_root, split)
     jobs = [(tomo_id, data_root / split / tomo_id,
@@ -554,6 +616,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                         help="flip test-time augmentation on or off (default: the checkpoint's "
                              "setting, which its threshold rule was chosen with)")
+    parser.add_argument("--verifier", action=argparse.BooleanOptionalAction, default=None,
+                        help="re-score the top peaks with the runs' 3D verifier (default: when "
+                             "a run has verifier.pt; --no-verifier uses the heatmap alone and "
+                             "the rule validation chose for it)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--z-stride", type=int, default=None)
     parser.add_argument("--device", default=None)
@@ -627,7 +693,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                               z_stride=args.z_stride, progress=not args.no_progress,
                               deadline=deadline, reserve_seconds=args.reserve_seconds,
                               prefetch=args.prefetch, compile_model=args.compile,
-                              amp=not args.no_amp)
+                              amp=not args.no_amp, verifier=args.verifier)
     except (InferenceError, ConfigError, ModelError, LabelError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -52,6 +52,7 @@ class Budget:
     target_spacing: float
     z_stride: int
     pos_weight: float
+    verifier_steps: int
 
 
 # 32 A per model voxel (the library default) and every 4th slice keep CPU training and
@@ -60,9 +61,11 @@ class Budget:
 # of a few hundred steps from saturating near 1, so the threshold can separate tomograms.
 DEFAULT = Budget(n_train=nb.LOCAL_SYNTHETIC["n_train"], n_test=nb.LOCAL_SYNTHETIC["n_test"],
                  epochs=6, steps_per_epoch=150, batch_size=8, crop=96, max_minutes=6.0,
-                 n_folds=5, target_spacing=32.0, z_stride=4, pos_weight=2.0)
+                 n_folds=5, target_spacing=32.0, z_stride=4, pos_weight=2.0,
+                 verifier_steps=400)
 QUICK = Budget(n_train=6, n_test=2, epochs=1, steps_per_epoch=2, batch_size=2, crop=64,
-               max_minutes=1.0, n_folds=2, target_spacing=32.0, z_stride=4, pos_weight=2.0)
+               max_minutes=1.0, n_folds=2, target_spacing=32.0, z_stride=4, pos_weight=2.0,
+               verifier_steps=3)
 SIZE = nb.LOCAL_SYNTHETIC["size"]
 
 
@@ -187,6 +190,7 @@ def notebook_parameters(data_root: Path, run_root: Path, cache_dir: Path, budget
             "steps_per_epoch": budget.steps_per_epoch, "batch_size": budget.batch_size,
             "crop": budget.crop, "max_minutes": budget.max_minutes, "seed": seed,
             "target_spacing": budget.target_spacing, "z_stride": budget.z_stride,
+            "verifier_steps": budget.verifier_steps,
             "train_options": {"pos_weight": budget.pos_weight}},
         "04_submission.ipynb": {"data_root": data_root, "weights": [model_dir],
                                 "out": run_root / "submission.csv"},

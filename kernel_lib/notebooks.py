@@ -474,12 +474,19 @@ def describe_run(result: Any) -> str:
     best = "n/a (no validation fold)" if result.best_f2 is None else f"{result.best_f2:.3f}"
     cfg = PipelineConfig.load(result.run_dir)
     files = sorted(p.name for p in Path(result.run_dir).iterdir() if p.is_file())
-    return "\n".join([
+    lines = [
         f"run {result.run_dir}: {result.epochs_done} epoch(s), stopped by {result.stopped_by}",
         f"best validation F2 {best}; threshold {cfg.threshold}; "
         f"assumed test spacing {cfg.assumed_test_spacing:g} A",
-        f"files: {', '.join(files)}",
-    ])
+    ]
+    info = getattr(result, "verifier", None)
+    if info:
+        scored = (f"; validation F2 {info['val_f2']:.3f} with it, "
+                  f"{info['val_f2_heatmap']:.3f} with the heatmap alone"
+                  if "val_f2" in info else "")
+        lines.append(f"verifier: {info['steps']} steps on {info['positives']} motor and "
+                     f"{info['negatives']} look-alike examples{scored}")
+    return "\n".join(lines + [f"files: {', '.join(files)}"])
 
 
 def score_submission(submission: str | os.PathLike, answer_key: str | os.PathLike | None,

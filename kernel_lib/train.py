@@ -11,7 +11,12 @@ competition metric and sweep a fixed and a quantile threshold. ``RUN_DIR`` gets:
   the chosen threshold rule and the assumed test spacing (what inference loads);
 - ``last.pt``: full training state, so a rerun with the same ``--out`` resumes;
 - ``metrics.csv`` (one row per epoch), ``threshold_sweep.csv`` and ``val_predictions.csv`` of
-  the best epoch, ``folds.csv`` and ``train_config.json``.
+  the best epoch, ``folds.csv`` and ``train_config.json``;
+- with ``verifier_steps`` > 0, then ``verifier.pt`` + ``verifier.json``: a small 3D CNN trained
+  on the saved model's top peaks in the training tomograms (:mod:`kernel_lib.verify`). The
+  validation fold is scored again with it, and ``config.json``'s rule, ``threshold_sweep.csv``
+  and ``val_predictions.csv`` become those of the two stages together (the heatmap-only ones
+  are kept as ``*_heatmap.csv``, and the rule inside ``verifier.pt``).
 
 Example:
     >>> from kernel_lib.train import TrainConfig
@@ -42,9 +47,10 @@ from tqdm.auto import tqdm
 from .config import (Z_SAMPLINGS, ConfigError, PipelineConfig, atomic_write_bytes,
                      atomic_write_text)
 from .labels import LabelError, read_labels, submission_from_calls
-from .metric import score, solution_for_submission
-from .model import HeatmapModel, ModelError, build_model, check_encoder_name, save_checkpoint
-from .infer import (Predictor, autocast_dtype, autocast_to, decode_peaks, model_input,
+from .metric import MIN_RADIUS_ANGSTROM, score, solution_for_submission
+from .model import (CHECKPOINT_NAME, HeatmapModel, ModelError, build_model, check_encoder_name,
+                    load_checkpoint, save_checkpoint)
+from .infer import (TOP_K, Predictor, autocast_dtype, autocast_to, locate_peaks, model_input,
                     pick_device)
 from .peaks import find_peaks, nms_radius_voxels
 from .preprocess import CacheEntry, build_cache
@@ -52,11 +58,14 @@ from .resample import heatmap_frame
 from .sampling import Augment, SampleSpec, StackSampler, dark_spots, far_from
 from .threshold import apply_threshold, sweep_thresholds
 from .tomogram import TomogramError
+from .verify import (VERIFIER_INFO_NAME, VERIFIER_NAME, Verifier, VerifierError, VerifierSpec,
+                     collect_examples, save_verifier, train_verifier, z_step_for)
 
 STATE_NAME = "last.pt"
 HARD_NEGATIVES_PER_TOMOGRAM = 16
 MOTOR_RADIUS_ANGSTROM = 225.0  # half the C-ring width: the blob scale of hard negatives
 METRICS_NAME = "metrics.csv"
+VERIFIER_POSITIVE_ANGSTROM = 256.0  # a peak this close to a motor is a view of the motor
 
 
 class TrainError(ValueError):
@@ -110,6 +119,10 @@ class TrainConfig:
         device: ``"cpu"``, ``"cuda"`` or None for automatic.
         encoder_weights: optional local timm weights file for the encoder.
         cache_dir: preprocessing cache root (default: ``DATA_ROOT/../cache``).
+        verifier_steps: steps of the second-stage 3D verifier trained after the heatmap model
+            (:mod:`kernel_lib.verify`); 0: none.
+        verifier_share: with ``max_minutes``, the share of it kept for the verifier (finding
+            the candidates, training, validating); the heatmap model trains for the rest.
     """
 
     fold: int = 0
@@ -137,6 +150,8 @@ class TrainConfig:
     device: str | None = None
     encoder_weights: str | None = None
     cache_dir: str | None = None
+    verifier_steps: int = 400
+    verifier_share: float = 0.2
 
     def __post_init__(self) -> None:
         self.zoom_range = tuple(float(z) for z in self.zoom_range)
@@ -160,6 +175,10 @@ class TrainConfig:
              f"zoom_range must be 0 < low <= high (got {self.zoom_range})"),
             (self.lr > 0, f"lr must be > 0 (got {self.lr})"),
             (self.peak_weight >= 0, f"peak_weight must be >= 0 (got {self.peak_weight})"),
+            (self.verifier_steps >= 0,
+             f"verifier_steps must be >= 0 (got {self.verifier_steps})"),
+            (0 <= self.verifier_share < 1,
+             f"verifier_share must be in [0, 1) (got {self.verifier_share})"),
         ]
         for ok, message in checks:
             if not ok:
@@ -189,17 +208,27 @@ def mine_false_peaks(model: HeatmapModel, cfg: PipelineConfig, volumes: dict[str
     These are the look-alikes the model currently gets wrong, whatever they are, so sampling
     them as negatives needs no idea of what the data's distractors look like.
     """
+    avoid_radius = cfg.nms_radius_angstrom / cfg.target_spacing
+    found = top_peaks(model, cfg, volumes, device, batch_size, count, min_score, amp)
+    model.train()
+    return {tomo_id: far_from(centres, motors.get(tomo_id, np.zeros((0, 3))), avoid_radius)
+            for tomo_id, centres in found.items()}
+
+
+def top_peaks(model: HeatmapModel, cfg: PipelineConfig, volumes: dict[str, np.ndarray],
+              device: torch.device, batch_size: int = 8, count: int = TOP_K,
+              min_score: float = 0.0, amp: bool = True,
+              progress: bool = False) -> dict[str, np.ndarray]:
+    """``{tomo_id: (k, 3)}`` the model's ``count`` strongest peaks per volume, model voxels."""
     predictor = Predictor([model], cfg, device, batch_size=batch_size, tta=False, amp=amp)
     radius = nms_radius_voxels(cfg.nms_radius_angstrom, cfg.target_spacing, cfg.output_stride,
                                cfg.z_stride)
     to_model = heatmap_frame(cfg.output_stride, cfg.z_stride).inverse()
-    avoid_radius = cfg.nms_radius_angstrom / cfg.target_spacing
     found = {}
-    for tomo_id, volume in volumes.items():
+    for tomo_id, volume in tqdm(volumes.items(), desc="candidates", unit="tomo", leave=False,
+                                disable=not progress):
         peaks = find_peaks(predictor.heatmap(volume), radius, top_k=count, min_score=min_score)
-        centres = to_model.apply(peaks[:, :3]) if len(peaks) else np.zeros((0, 3))
-        found[tomo_id] = far_from(centres, motors.get(tomo_id, np.zeros((0, 3))), avoid_radius)
-    model.train()
+        found[tomo_id] = to_model.apply(peaks[:, :3]) if len(peaks) else np.zeros((0, 3))
     return found
 
 
@@ -289,14 +318,16 @@ class Validation:
 
 def validate(model: HeatmapModel, cfg: PipelineConfig, entries: dict[str, CacheEntry],
              motors: pl.DataFrame, tomograms: pl.DataFrame, device: torch.device,
-             batch_size: int = 8, progress: bool = False, amp: bool = True) -> Validation:
-    """Full inference on the validation tomograms, scored with the competition metric."""
-    predictor = Predictor([model], cfg, device, batch_size=batch_size, amp=amp)
+             batch_size: int = 8, progress: bool = False, amp: bool = True,
+             verifier: Verifier | None = None) -> Validation:
+    """Full inference on the validation tomograms (with ``verifier`` re-scoring the top peaks,
+    when given), scored with the competition metric."""
+    predictor = Predictor([model], cfg, device, batch_size=batch_size, amp=amp,
+                          verifier=verifier)
     rows = []
     for tomo_id in tqdm(sorted(entries), desc="validate", leave=False, disable=not progress):
         entry = entries[tomo_id]
-        heat = predictor.heatmap(entry.load())
-        peaks = decode_peaks(heat, cfg, entry.frame, entry.original_shape, top_k=1)
+        peaks = locate_peaks(predictor, entry.load(), entry.frame, entry.original_shape)
         z, y, x, s = peaks[0] if len(peaks) else (-1.0, -1.0, -1.0, float("nan"))
         rows.append({"tomo_id": tomo_id, "z": z, "y": y, "x": x, "score": s})
     model.train()
@@ -349,6 +380,7 @@ class TrainResult:
     metrics: pl.DataFrame
     stopped_by: str = "epochs"
     history: list[dict] = field(default_factory=list)
+    verifier: dict | None = None  # verifier.json's contents when a verifier was trained
 
 
 def train(data_root: str | os.PathLike, run_dir: str | os.PathLike,
@@ -426,8 +458,11 @@ def train(data_root: str | os.PathLike, run_dir: str | os.PathLike,
     optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     total_steps = tcfg.epochs * tcfg.steps_per_epoch
 
+    # With a verifier to train, the heatmap model leaves it a share of the time limit.
+    heat_minutes = tcfg.max_minutes * (1 - (tcfg.verifier_share if tcfg.verifier_steps else 0))
+
     def set_lr(step: int, minutes: float) -> None:
-        fraction = minutes / tcfg.max_minutes if tcfg.max_minutes else 0.0
+        fraction = minutes / heat_minutes if heat_minutes else 0.0
         for group in optimizer.param_groups:
             group["lr"] = tcfg.lr * lr_factor(step, total_steps, tcfg.warmup_steps, fraction)
     amp_dtype = autocast_dtype(device) if tcfg.amp else None
@@ -498,7 +533,7 @@ def train(data_root: str | os.PathLike, run_dir: str | os.PathLike,
             rate = len(losses) * tcfg.batch_size / (time.perf_counter() - epoch_started)
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", samples_s=f"{rate:.1f}",
                             refresh=False)
-            if tcfg.max_minutes and _minutes(started, elapsed_before) >= tcfg.max_minutes:
+            if heat_minutes and _minutes(started, elapsed_before) >= heat_minutes:
                 stopped_by = "max_minutes"
                 break
 
@@ -516,11 +551,13 @@ def train(data_root: str | os.PathLike, run_dir: str | os.PathLike,
             top_f2 = val.f2 if top_f2 is None else max(top_f2, val.f2)
             if improved:
                 best_f2 = val.f2
+                _drop_verifier(run_dir)  # it re-scored another checkpoint's peaks
                 save_checkpoint(eval_model, cfg.replace(threshold=val.rule), run_dir,
                                 extra={"epoch": epoch + 1, "val_f2": val.f2})
                 atomic_write_text(run_dir / "threshold_sweep.csv", val.sweep.write_csv())
                 atomic_write_text(run_dir / "val_predictions.csv", val.predictions.write_csv())
         else:
+            _drop_verifier(run_dir)
             save_checkpoint(eval_model, cfg, run_dir, extra={"epoch": epoch + 1})
         if tcfg.mine_per_epoch and tcfg.hard_negative_fraction > 0 and stopped_by == "epochs":
             ids = sorted(volumes)
@@ -546,8 +583,92 @@ def train(data_root: str | os.PathLike, run_dir: str | os.PathLike,
         tqdm.write(summary) if progress else None
         if stopped_by != "epochs":
             break
+    verifier_info = None
+    if tcfg.verifier_steps and (run_dir / VERIFIER_NAME).is_file():
+        # A new checkpoint deletes the old verifier, so this one belongs to model.pt: a rerun
+        # of a finished run keeps it.
+        verifier_info = _saved_verifier_info(run_dir)
+    elif tcfg.verifier_steps and (run_dir / CHECKPOINT_NAME).is_file():
+        seconds_left = (max(0.0, tcfg.max_minutes - _minutes(started, elapsed_before)) * 60
+                        if tcfg.max_minutes else None)
+        verifier_info = fit_verifier(run_dir, tcfg, volumes, train_motors, val_entries, motors,
+                                     tomograms, device, progress, seconds_left)
     return TrainResult(run_dir, best_f2, len(history), pl.DataFrame(history), stopped_by,
-                       history)
+                       history, verifier_info)
+
+
+def fit_verifier(run_dir: Path, tcfg: TrainConfig, volumes: dict[str, np.ndarray],
+                 train_motors: dict[str, np.ndarray], val_entries: dict[str, CacheEntry],
+                 motors: pl.DataFrame, tomograms: pl.DataFrame, device: torch.device,
+                 progress: bool = True, seconds_left: float | None = None) -> dict | None:
+    """Train the second-stage verifier on the saved model's top peaks in the training volumes,
+    score the validation fold with it and write it (see the module docstring).
+
+    Returns ``verifier.json``'s contents, or None when there was nothing to learn from (no
+    training motor, or no peak away from one): then the run has no verifier.
+    """
+    started = time.perf_counter()
+    model, cfg = load_checkpoint(run_dir, map_location=device)
+    model.to(device)
+    candidates = top_peaks(model, cfg, volumes, device, tcfg.val_batch_size, amp=tcfg.amp,
+                           progress=progress)
+    examples = collect_examples(candidates, train_motors,
+                                VERIFIER_POSITIVE_ANGSTROM / cfg.target_spacing,
+                                MIN_RADIUS_ANGSTROM / cfg.target_spacing)
+    if examples.n_positive == 0 or examples.n_negative == 0:
+        print(f"warning: no verifier trained: the training tomograms gave "
+              f"{examples.n_positive} motor and {examples.n_negative} look-alike examples",
+              file=sys.stderr)
+        return None
+    budget = None
+    if seconds_left is not None:  # keep about a fifth of what is left for validating
+        budget = max(1.0, 0.8 * seconds_left - (time.perf_counter() - started))
+    try:
+        fitted = train_verifier(volumes, examples, VerifierSpec(z_step=z_step_for(cfg)),
+                                steps=tcfg.verifier_steps, seed=tcfg.seed, device=device,
+                                amp=tcfg.amp, max_seconds=budget, progress=progress)
+    except VerifierError as exc:  # the heatmap model is saved and usable on its own
+        print(f"warning: no verifier trained: {exc}", file=sys.stderr)
+        return None
+    info = {"steps": fitted.steps, "train_seconds": round(fitted.seconds, 1),
+            "positives": examples.n_positive, "negatives": examples.n_negative,
+            "final_loss": float(np.mean(fitted.losses[-20:]))}
+    rule_without = cfg.threshold
+    if val_entries:
+        alone = validate(model, cfg, val_entries, motors, tomograms, device,
+                         tcfg.val_batch_size, amp=tcfg.amp)
+        both = validate(model, cfg, val_entries, motors, tomograms, device,
+                        tcfg.val_batch_size, amp=tcfg.amp,
+                        verifier=Verifier([fitted.net], device, amp=tcfg.amp))
+        rule_without = alone.rule
+        info.update(val_f2_heatmap=alone.f2, val_f2=both.f2, threshold_heatmap=str(alone.rule),
+                    threshold=str(both.rule))
+        for name, table in (("threshold_sweep", alone.sweep), ("val_predictions",
+                                                                alone.predictions)):
+            atomic_write_text(run_dir / f"{name}_heatmap.csv", table.write_csv())
+        atomic_write_text(run_dir / "threshold_sweep.csv", both.sweep.write_csv())
+        atomic_write_text(run_dir / "val_predictions.csv", both.predictions.write_csv())
+        cfg = cfg.replace(threshold=both.rule)
+    info["seconds"] = round(time.perf_counter() - started, 1)
+    save_verifier(fitted.net, run_dir, rule_without, info)
+    cfg.save(run_dir)
+    summary = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in info.items())
+    tqdm.write(f"verifier: {summary}") if progress else None
+    return info
+
+
+def _saved_verifier_info(run_dir: Path) -> dict | None:
+    try:
+        info = json.loads((run_dir / VERIFIER_INFO_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return {k: v for k, v in info.items() if k != "spec"}
+
+
+def _drop_verifier(run_dir: Path) -> None:
+    for name in (VERIFIER_NAME, VERIFIER_INFO_NAME):
+        (run_dir / name).unlink(missing_ok=True)
 
 
 def replaces_saved(val_f2: float, top_f2: float | None, n_val: int) -> bool:
@@ -626,6 +747,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--z-sampling", choices=Z_SAMPLINGS, default=pdefaults.z_sampling,
                         help="z resampling: average every slice, or read the nearest slice per "
                              "model slice (decodes about half the slices at 32 A)")
+    parser.add_argument("--verifier-steps", type=int, default=defaults.verifier_steps,
+                        help="steps of the second-stage 3D verifier of the top peaks (0: none)")
+    parser.add_argument("--verifier-share", type=float, default=defaults.verifier_share,
+                        help="share of --max-minutes kept for the verifier")
     parser.add_argument("--no-resume", action="store_true", help="ignore RUN_DIR/last.pt")
     parser.add_argument("--no-progress", action="store_true")
     return parser
@@ -659,15 +784,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                            ema_decay=args.ema_decay, amp=not args.no_amp,
                            zoom_range=tuple(args.zoom_range), max_minutes=args.max_minutes,
                            seed=args.seed, device=args.device,
-                           encoder_weights=args.encoder_weights, cache_dir=args.cache_dir)
+                           encoder_weights=args.encoder_weights, cache_dir=args.cache_dir,
+                           verifier_steps=args.verifier_steps,
+                           verifier_share=args.verifier_share)
         result = train(args.data_root, args.out, cfg, tcfg, progress=not args.no_progress,
                        resume=not args.no_resume)
-    except (TrainError, ConfigError, ModelError, LabelError, TomogramError) as exc:
+    except (TrainError, ConfigError, ModelError, LabelError, TomogramError,
+            VerifierError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     best = "n/a" if result.best_f2 is None else f"{result.best_f2:.4f}"
+    verifier = result.verifier
+    checked = ("" if not verifier else f"; verifier: {verifier['steps']} steps"
+               + (f", validation F2 {verifier['val_f2']:.4f} with it" if "val_f2" in verifier
+                  else ""))
     print(f"run {result.run_dir}: {result.epochs_done} epoch(s), best validation F2 {best}, "
-          f"stopped by {result.stopped_by}")
+          f"stopped by {result.stopped_by}{checked}")
     return 0
 
 

@@ -22,6 +22,7 @@ from kernel_lib.train import TrainConfig, TrainError, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_ARGS = ["--epochs", "2", "--steps-per-epoch", "3", "--batch-size", "2", "--crop", "64",
+              "--verifier-steps", "2",
               "--n-folds", "3", "--no-progress", "--seed", "3"]
 
 
@@ -46,7 +47,8 @@ def test_train_infer_metric_through_the_clis(tiny, tmp_path):
                 "--cache-dir", str(cache), *TRAIN_ARGS)
     assert done.returncode == 0, done.stderr[-2000:]
     for name in ("model.pt", "config.json", "last.pt", "metrics.csv", "threshold_sweep.csv",
-                 "val_predictions.csv", "folds.csv", "train_config.json"):
+                 "val_predictions.csv", "folds.csv", "train_config.json", "verifier.pt",
+                 "verifier.json", "val_predictions_heatmap.csv"):
         assert (run_dir / name).is_file(), name
     cfg = PipelineConfig.load(run_dir)
     assert cfg.assumed_test_spacing is not None and cfg.assumed_test_spacing > 0
@@ -69,11 +71,14 @@ def test_train_infer_metric_through_the_clis(tiny, tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("score ")
 
-    # Resume: rerunning the finished run does not train again and keeps the metrics.
+    # Resume: rerunning the finished run does not train again and keeps the metrics and the
+    # verifier (the file is not rewritten).
+    verifier_written = (run_dir / "verifier.pt").stat().st_mtime_ns
     done = _run("kernel_lib.train", "--data-root", str(tiny), "--out", str(run_dir),
                 "--cache-dir", str(cache), *TRAIN_ARGS)
     assert done.returncode == 0 and "resuming" in done.stderr
     assert pl.read_csv(run_dir / "metrics.csv").height == 2
+    assert (run_dir / "verifier.pt").stat().st_mtime_ns == verifier_written
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +86,8 @@ def trained(tiny, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("trained") / "run"
     train(tiny, run_dir, PipelineConfig(decoder_channels=(32, 16)),
           TrainConfig(epochs=1, steps_per_epoch=2, batch_size=2, crop=64, n_folds=3, seed=1,
-                      cache_dir=str(run_dir.parent / "cache")), progress=False)
+                      verifier_steps=0, cache_dir=str(run_dir.parent / "cache")),
+          progress=False)
     return run_dir
 
 
@@ -153,7 +159,7 @@ def test_the_other_z_sampling_trains_caches_apart_and_predicts(tiny, trained, tm
     cache = trained.parent / "cache"  # shared with the default run: must not be reused
     train(tiny, run_dir, PipelineConfig(decoder_channels=(32, 16), z_sampling=other),
           TrainConfig(epochs=1, steps_per_epoch=2, batch_size=2, crop=64, n_folds=3, seed=1,
-                      cache_dir=str(cache)), progress=False)
+                      verifier_steps=0, cache_dir=str(cache)), progress=False)
     assert PipelineConfig.load(run_dir).z_sampling == other
     settings = {json.loads(m.read_text())["settings"]["z_sampling"]
                 for m in cache.glob("prep_*/manifest.json")}
@@ -182,7 +188,8 @@ def test_runs_of_other_folds_and_seeds_assume_the_same_test_spacing_and_ensemble
     other = tmp_path / "other"
     train(tiny, other, PipelineConfig(decoder_channels=(32, 16)),
           TrainConfig(epochs=1, steps_per_epoch=1, batch_size=2, crop=64, n_folds=3, fold=2,
-                      seed=7, cache_dir=str(trained.parent / "cache")), progress=False)
+                      seed=7, verifier_steps=0, cache_dir=str(trained.parent / "cache")),
+          progress=False)
     spacings = pl.read_csv(tiny / "train_labels.csv").unique("tomo_id")["Voxel spacing"]
     assert (PipelineConfig.load(other).assumed_test_spacing
             == PipelineConfig.load(trained).assumed_test_spacing == float(spacings.median()))
@@ -196,7 +203,7 @@ def test_train_is_deterministic_on_cpu(tiny, tmp_path):
     for name in ("a", "b"):
         run = tmp_path / name
         train(tiny, run, cfg, TrainConfig(fold=-1, epochs=1, steps_per_epoch=2, batch_size=2,
-                                           crop=64, seed=5, ema_decay=0.0,
+                                           crop=64, verifier_steps=0, seed=5, ema_decay=0.0,
                                            cache_dir=str(tmp_path / "cache")), progress=False)
         results.append(torch.load(run / "model.pt", weights_only=True)["state_dict"])
     for key in results[0]:
@@ -300,7 +307,7 @@ def test_training_runs_in_the_devices_fast_precision(tiny, tmp_path, monkeypatch
     monkeypatch.setattr(train_module, "build_model", build)
     train(tiny, tmp_path / "run", PipelineConfig(decoder_channels=(16, 8)),
           TrainConfig(fold=-1, epochs=1, steps_per_epoch=2, batch_size=2, crop=64, seed=5,
-                      ema_decay=0.0, mine_per_epoch=1, amp=amp,
+                      verifier_steps=0, ema_decay=0.0, mine_per_epoch=1, amp=amp,
                       cache_dir=str(tmp_path / "cache")),
           progress=False)
     assert len(seen) > 2  # two training steps, then the mining pass over one tomogram
@@ -373,13 +380,14 @@ def test_tta_run_validates_with_it_saves_it_and_inference_follows(tiny, tmp_path
     run_dir = tmp_path / "run"
     code = train_module.main(["--data-root", str(tiny), "--out", str(run_dir), "--cache-dir",
                               str(tmp_path / "cache"), "--epochs", "1", "--steps-per-epoch", "1",
+                              "--verifier-steps", "0",
                               "--batch-size", "2", "--crop", "64", "--n-folds", "3",
                               "--mine-per-epoch", "1", "--no-progress", "--tta",
                               "--stack-half", "2", "--stack-step", "64"])
     assert code == 0
     saved = PipelineConfig.load(run_dir)
     assert saved.tta is True and (saved.in_chans, saved.stack_step_slices) == (5, 2)
-    assert ("validate", True) in made and ("mine_false_peaks", False) in made
+    assert ("validate", True) in made and ("top_peaks", False) in made  # mining: one pass
     assert {tta for caller, tta in made if caller == "validate"} == {True}
 
     for flag, expected in (([], True), (["--no-tta"], False)):
@@ -421,7 +429,8 @@ def test_peak_weight_reaches_the_loss_and_is_checked(tiny, tmp_path, monkeypatch
                         lambda *a, **k: seen.append(a[4] if len(a) > 4 else k.get("peak_weight"))
                         or real(*a, **k))
     args = ["--data-root", str(tiny), "--out", str(tmp_path / "run"), "--cache-dir",
-            str(tmp_path / "cache"), "--epochs", "1", "--steps-per-epoch", "2", "--batch-size",
+            str(tmp_path / "cache"), "--epochs", "1", "--steps-per-epoch", "2", "--verifier-steps",
+            "0", "--batch-size",
             "2", "--crop", "64", "--n-folds", "3", "--mine-per-epoch", "0", "--no-progress"]
     assert train_module.main(args + ["--peak-weight", "0.5"]) == 0
     assert seen == [0.5, 0.5]

@@ -24,7 +24,7 @@ CFG = PipelineConfig(decoder_channels=(16, 8))
 
 def _tcfg(cache: Path, **changes) -> TrainConfig:
     base = dict(fold=-1, epochs=2, steps_per_epoch=2, batch_size=2, crop=64, seed=9,
-                cache_dir=str(cache))
+                cache_dir=str(cache), verifier_steps=0)
     return TrainConfig(**{**base, **changes})
 
 
