@@ -121,6 +121,9 @@ def main() -> int:
     parser.add_argument("--peak-weight", type=float, default=TrainConfig().peak_weight,
                         help="weight of the loss on each crop's top logit (0: off)")
     parser.add_argument("--batch-size", type=int, default=TrainConfig().batch_size)
+    parser.add_argument("--verifier-steps", type=int, default=TrainConfig().verifier_steps,
+                        help="steps of the second-stage 3D verifier (0: none); the test sets "
+                             "are then also scored without it")
     parser.add_argument("--encoder", default=PipelineConfig().encoder,
                         help="timm encoder of the model (random init)")
     parser.add_argument("--z-stride", type=int, default=PipelineConfig().z_stride,
@@ -149,6 +152,7 @@ def main() -> int:
            f"_zs{args.z_stride}_sh{args.stack_half}"
            f"{'' if args.stack_step == 32 else f'_st{args.stack_step:g}'}"
            f"{f'_pk{args.peak_weight:g}' if args.peak_weight else ''}"
+           f"{f'_v{args.verifier_steps}' if args.verifier_steps else ''}"
            f"_n{args.n_train}_s{train_seed}")
     run_dir = work / f"run_{tag}"
     if not args.keep_data and data.exists():
@@ -175,7 +179,7 @@ def main() -> int:
                        crop=args.crop, hard_negative_fraction=args.hard_negative_fraction,
                        positive_fraction=args.positive_fraction, lr=args.lr,
                        peak_weight=args.peak_weight,
-                       batch_size=args.batch_size,
+                       batch_size=args.batch_size, verifier_steps=args.verifier_steps,
                        cache_dir=str(work / "cache"))
     t0 = time.perf_counter()
     result = train(data, run_dir, cfg, tcfg, progress=False)
@@ -232,6 +236,18 @@ def main() -> int:
             extra_lines.append(f"- Ranking with flip TTA on the {args.extra_test}: AUC "
                                f"{tta_auc:.3f}")
 
+    if (run_dir / "verifier.pt").is_file():
+        # The same heatmap model without its verifier, with the rule validation chose for it:
+        # what the second stage adds, paired in one run.
+        sets = [("", data, solution)]
+        if args.extra_test:
+            sets.append((f" on the {args.extra_test} more", extra, extra_solution))
+        for where, root, truth in sets:
+            alone = run_inference(root, [run_dir], progress=False, verifier=False)
+            rows[f"heatmap alone (no verifier){where}, its own rule"] = scored(truth, alone)
+            extra_lines.append(f"- Ranking by the heatmap alone{where}: AUC "
+                               f"{diagnostics(truth, alone)[1]:.3f}")
+
     none = pl.DataFrame({"tomo_id": test_ids, "Motor axis 0": -1.0, "Motor axis 1": -1.0,
                          "Motor axis 2": -1.0})
     rows["baseline: no motor anywhere"] = scored(solution, none)
@@ -266,7 +282,7 @@ def main() -> int:
         f"--crop {args.crop} --hard-negative-fraction {args.hard_negative_fraction:g} "
         f"--positive-fraction {args.positive_fraction:g} --lr {args.lr:g} "
         f"--peak-weight {args.peak_weight:g} "
-        f"--batch-size {args.batch_size} "
+        f"--batch-size {args.batch_size} --verifier-steps {args.verifier_steps} "
         f"--encoder {args.encoder} --z-stride {args.z_stride} --z-sampling {args.z_sampling} "
         f"--stack-half {args.stack_half} --stack-step {args.stack_step:g} "
         f"--train-seed {train_seed}{' --tta' if args.tta else ''}"
@@ -287,7 +303,13 @@ def main() -> int:
         f"{result.epochs_done} epochs "
         f"({int(metrics['step'].max())} steps), stopped by {result.stopped_by}, "
         f"{train_seconds / 60:.1f} min incl. cache and validation; best validation F2 "
-        f"{result.best_f2:.3f} (fold 0 of 5)",
+        f"{result.best_f2:.3f} (fold 0 of 5)"
+        + (f"; verifier: {result.verifier['steps']} steps in "
+           f"{result.verifier['train_seconds']:.0f} s on {result.verifier['positives']} "
+           f"motor / {result.verifier['negatives']} look-alike examples, validation F2 "
+           f"{result.verifier.get('val_f2', float('nan')):.3f} with it, "
+           f"{result.verifier.get('val_f2_heatmap', float('nan')):.3f} without"
+           if result.verifier else ""),
         f"- Test inference: {infer_seconds:.0f} s for {len(test_ids)} tomograms "
         f"({len(test_ids) / infer_seconds:.2f} tomograms/s)",
         f"- Ranking: AUC of the top peak score, tomograms with a motor vs without: {auc:.3f}",

@@ -10,7 +10,8 @@ in one run and for each target spacing:
   slice vs our histogram + look-up table), and the plain pre-streaming path for comparison;
 - 2.5D stack gathering, the float model input, the model forward (CPU here, extrapolated from
   the first batches unless ``--forward-stacks 0``), and one real end-to-end tomogram;
-- peak decoding (``peaks.find_peaks``: a separable 3D max filter, then the top candidates);
+- peak decoding (``peaks.find_peaks``: a separable 3D max filter, then the top candidates) and
+  the second-stage verifier of the top peaks (``--no-verifier`` leaves it out);
 - peak memory (RSS) of the whole inference of one tomogram, in a fresh subprocess.
 
 Every time is also reported as a ratio to the baseline decode of the same slices measured in the
@@ -46,6 +47,7 @@ import torch.nn as nn
 
 from kernel_lib.config import Z_SAMPLINGS, PipelineConfig
 from kernel_lib.infer import Predictor, autocast_dtype, decode_peaks, model_input
+from kernel_lib.verify import Verifier, VerifierNet, VerifierSpec, z_step_for
 from kernel_lib.model import build_model, pad_to_multiple
 from kernel_lib.normalize import normalize, percentile_bounds
 from kernel_lib.preprocess import preprocess_tomogram, reading_plan
@@ -215,8 +217,10 @@ def bench_one(folder: Path, target: float, args: argparse.Namespace) -> dict:
              "look-up table (in place)", "preprocess total (streaming)",
              "preprocess, every slice (training cache)",
              "preprocess, plain path (before)", "stack gathering (uint8)",
-             "float input + padding (on the GPU there)", "model forward", "peak decoding"]
+             "float input + padding (on the GPU there)", "model forward", "peak decoding",
+             "verifier (top peaks, 3 flips)"]
     stages = {name: Stage(name) for name in names}
+    verifier = bench_verifier(cfg, args)
     heat_shape = (n_stacks, math.ceil(shape[1] / cfg.output_stride),
                   math.ceil(shape[2] / cfg.output_stride))
     # A smooth stand-in heatmap with many local maxima (a trained model's is smoother).
@@ -276,8 +280,12 @@ def bench_one(folder: Path, target: float, args: argparse.Namespace) -> dict:
         wall, cpu, _ = timed(predictor.heatmap, part)
         scale = n_stacks / forward_stacks
         add("model forward", wall * scale, cpu * scale)
-        wall, cpu, _ = timed(decode_peaks, heat, cfg, prep.frame, prep.original_shape)
+        wall, cpu, peaks = timed(decode_peaks, heat, cfg, prep.frame, prep.original_shape)
         add("peak decoding", wall, cpu)
+        if verifier is not None:
+            wall, cpu, _ = timed(verifier.rescore, peaks, prep.volume, prep.frame,
+                                 prep.model_slices)
+            add("verifier (top peaks, 3 flips)", wall, cpu)
         del prep
         print(f"  repeat {repeat + 1}/{args.repeats}: baseline {base_wall:.2f} s, "
               f"preprocess {stages['preprocess total (streaming)'].wall[-1]:.2f} s, "
@@ -308,8 +316,18 @@ def bench_one(folder: Path, target: float, args: argparse.Namespace) -> dict:
               "non_model_seconds": sum(stages[n].seconds for n in names)}
     result["end_to_end_estimate_ratio"] = (result["non_model_ratio"]
                                            + stages["float input + padding (on the GPU there)"]
-                                           .ratio + stages["model forward"].ratio)
+                                           .ratio + stages["model forward"].ratio
+                                           + (stages["verifier (top peaks, 3 flips)"].ratio
+                                              if verifier is not None else 0.0))
     return result
+
+
+def bench_verifier(cfg: PipelineConfig, args: argparse.Namespace) -> Verifier | None:
+    """The default second stage, random weights (its cost does not depend on them), or None
+    with ``--no-verifier``."""
+    if args.no_verifier:
+        return None
+    return Verifier([VerifierNet(VerifierSpec(z_step=z_step_for(cfg)))], "cpu")
 
 
 def plain_preprocess(folder: Path, spacing: float, cfg: PipelineConfig) -> np.ndarray:
@@ -341,10 +359,14 @@ def end_to_end(folder: Path, target: float, args: argparse.Namespace) -> tuple[f
     paths = list_slices(folder)
     base, _, _ = timed(lambda: [cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in paths])
 
+    verifier = bench_verifier(cfg, args)
+
     def run() -> None:
         prep = preprocess_tomogram(folder, args.source_spacing, cfg, z_stride=cfg.z_stride)
         heat = predictor.heatmap(prep.volume, model_slices=prep.model_slices)
-        decode_peaks(heat, cfg, prep.frame, prep.original_shape)
+        peaks = decode_peaks(heat, cfg, prep.frame, prep.original_shape)
+        if verifier is not None:
+            verifier.rescore(peaks, prep.volume, prep.frame, prep.model_slices)
 
     wall, _, _ = timed(run)
     return wall, wall / base
@@ -587,6 +609,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--encoder", default=defaults.encoder, help="timm encoder of the model")
     parser.add_argument("--z-sampling", default=defaults.z_sampling, choices=Z_SAMPLINGS)
     parser.add_argument("--z-stride", type=int, default=defaults.z_stride)
+    parser.add_argument("--no-verifier", action="store_true",
+                        help="leave out the second-stage verifier of the top peaks")
     parser.add_argument("--_rss-child", nargs=5, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.batch_size < 1 or args.forward_stacks < 0 or args.z_stride < 1:
@@ -669,6 +693,7 @@ def main(argv: list[str] | None = None) -> int:
             f"- Data: fast-mode synthetic JPEG slices, quality {args.jpeg_quality}, source "
             f"spacing {args.source_spacing} A; model {args.encoder} (random init), z sampling "
             f"{args.z_sampling}, z stride {args.z_stride}, batch {args.batch_size}, "
+            f"{'no verifier' if args.no_verifier else 'verifier of the top 5 peaks'}, "
             f"channels_last, CPU ({torch.get_num_threads()} torch threads), autocast "
             f"{_dtype_name(autocast_dtype('cpu'))}.",
             f"- Baseline: `cv2.imread(path, IMREAD_GRAYSCALE)` of every slice, one thread, in "
