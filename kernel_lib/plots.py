@@ -303,6 +303,47 @@ def plot_threshold_sweep(run_dir: str | os.PathLike) -> Figure:
     return fig
 
 
+def plot_verifier_effect(data_root: str | os.PathLike, run_dir: str | os.PathLike) -> Figure:
+    """Each validation tomogram's score by the heatmap alone and with the 3D verifier, joined by
+    a line (red: has a motor, gray: none), with each rule's cut-off: a good verifier lifts the
+    red lines and drops the gray ones apart."""
+    from .config import ThresholdRule
+    from .labels import read_labels
+    from .threshold import apply_threshold
+
+    run_dir = Path(run_dir)
+    alone = _read_csv(run_dir / "val_predictions_heatmap.csv")
+    both = _read_csv(run_dir / "val_predictions.csv")
+    info_path = run_dir / "verifier.json"
+    if alone is None or both is None or not info_path.is_file():
+        return message_figure("no verifier validation: the run has no verifier (verifier_steps "
+                              "0) or no validation fold")
+    import json
+
+    info = json.loads(info_path.read_text())
+    has = read_labels(Path(data_root) / "train_labels.csv").tomograms.select(
+        "tomo_id", "has_motor")
+    table = (alone.select("tomo_id", before="score").join(both.select("tomo_id", after="score"),
+                                                           on="tomo_id").join(has, on="tomo_id"))
+    fig, axes = figure(1, 1, panel=(4.6, 3.6))
+    ax = axes[0, 0]
+    for before, after, motor in table.select("before", "after", "has_motor").iter_rows():
+        ax.plot([0, 1], [before, after], "-o", ms=3, lw=1,
+                color=MARK_COLOUR if motor else "0.6", alpha=0.9)
+    for x, column, key in ((0, "before", "threshold_heatmap"), (1, "after", "threshold")):
+        scores = table[column].to_numpy()
+        called = apply_threshold(scores, ThresholdRule.parse(info[key]))
+        if called.any() and not called.all():  # the cut-off between the calls and the rest
+            cut = (scores[called].min() + scores[~called].max()) / 2
+            ax.plot([x - 0.08, x + 0.08], [cut, cut], "k--", lw=1)
+    ax.set_xticks([0, 1], [f"heatmap alone\nF2 {info['val_f2_heatmap']:.2f}",
+                           f"with verifier\nF2 {info['val_f2']:.2f}"])
+    ax.set(xlim=(-0.3, 1.3), ylim=(-0.02, 1.02), ylabel="top peak score",
+           title="validation: red has a motor, gray none; dashes: each rule's cut")
+    ax.title.set_fontsize(8)
+    return fig
+
+
 def plot_validation_predictions(data_root: str | os.PathLike, run_dir: str | os.PathLike,
                                 n: int = 4) -> Figure:
     """Validation slices: truth circled in red, the prediction in blue with its match radius.

@@ -343,7 +343,8 @@ def test_slice_viewer_uses_a_slider_when_ipywidgets_is_there(monkeypatch) -> Non
 
 def test_run_plots_say_when_there_is_nothing_to_plot(tmp_path: Path) -> None:
     for figure in (plots.plot_training_curves(tmp_path), plots.plot_threshold_sweep(tmp_path),
-                   plots.plot_validation_predictions(tmp_path, tmp_path)):
+                   plots.plot_validation_predictions(tmp_path, tmp_path),
+                   plots.plot_verifier_effect(tmp_path, tmp_path)):
         assert figure.axes[0].texts, "expected a message instead of a chart"
     (tmp_path / "metrics.csv").write_text("epoch,step,train_loss\n1,10,0.5\n2,20,0.4\n")
     fig = plots.plot_training_curves(tmp_path)  # fold="all": a loss curve, no validation

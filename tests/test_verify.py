@@ -418,3 +418,18 @@ def test_a_verifier_that_cannot_train_leaves_the_heatmap_run_intact(tiny, tmp_pa
     assert result.verifier is None and not (run_dir / VERIFIER_NAME).exists()
     assert (run_dir / "model.pt").is_file()
     assert "no verifier trained: the verifier's loss" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_verifier_plot_draws_one_line_per_validation_tomogram(verified, tiny):
+    from kernel_lib.plots import figure_png, plot_verifier_effect
+
+    run_dir, result = verified
+    fig = plot_verifier_effect(tiny, run_dir)
+    n_val = pl.read_csv(run_dir / "val_predictions.csv").height
+    ax = fig.axes[0]
+    joined = [line for line in ax.lines if list(line.get_xdata()) == [0, 1]]
+    assert len(joined) == n_val
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert f"F2 {result.verifier['val_f2']:.2f}" in labels[1]
+    assert figure_png(fig).startswith(b"\x89PNG")
