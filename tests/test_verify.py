@@ -134,6 +134,25 @@ def test_rescore_reorders_the_peaks_by_the_combined_score():
                               Frame.identity()).shape == (0, 4)
 
 
+def test_rescore_crops_where_the_peaks_are_in_the_model_frame():
+    """Peaks come in original voxels; the crops must be cut at the same place in the model
+    volume (original -> model through the tomogram's frame, and back for the answer)."""
+    seen = []
+
+    class Recording(_Fixed):
+        def probabilities(self, volume, centres, model_slices=None):
+            seen.append(np.array(centres))
+            return np.full(len(centres), 0.5)
+
+    frame = Frame.centered((0.5, 0.48, 0.52))  # e.g. 15.6 A -> 32 A, a little anisotropic
+    in_model = np.array([[10.0, 40.0, 22.0], [3.0, 7.5, 60.0]])
+    original = frame.inverse().apply(in_model)
+    peaks = np.column_stack([original, [0.9, 0.4]])
+    rescored = Recording([]).rescore(peaks, np.zeros((20, 80, 80), np.uint8), frame)
+    np.testing.assert_allclose(seen[0], in_model, atol=1e-9)
+    np.testing.assert_allclose(frame.apply(rescored[:, :3]), in_model, atol=1e-9)
+
+
 def test_probabilities_average_the_flips_and_the_nets():
     torch.manual_seed(0)
     nets = [VerifierNet(SMALL).eval(), VerifierNet(SMALL).eval()]
