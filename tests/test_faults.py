@@ -227,3 +227,22 @@ def test_f16_out_of_memory_at_batch_one_on_gpu_moves_to_cpu():
         heat = predictor.heatmap(_healthy_volume(3)[:4])
     assert predictor.device.type == "cpu" and heat.shape == (4, 24, 28)
     assert calls["n"] == 5  # one failed call, then four stacks on the CPU
+
+
+def test_the_verifier_stage_survives_every_fault(faulty_root, table, tmp_path):
+    """The same faulty folder with a (random) 3D verifier re-scoring the peaks: single-slice,
+    tiny, blank and extreme tomograms are still predicted, and nothing new fails."""
+    from kernel_lib.verify import Verifier, VerifierNet, VerifierSpec, z_step_for
+
+    torch.manual_seed(0)
+    predictor = _predictor(DarknessModel())
+    predictor.verifier = Verifier([VerifierNet(VerifierSpec(z_step=z_step_for(CFG)))],
+                                  amp=False)
+    with pytest.warns(UserWarning):
+        checked = run_inference(faulty_root, None, threshold="fixed:0.0", progress=False,
+                                out=tmp_path / "submission.csv", predictor=predictor)
+    assert checked["tomo_id"].to_list() == table["tomo_id"].to_list()
+    assert checked["error"].to_list() == table["error"].to_list()
+    ok = checked.filter(pl.col("error").is_null())
+    assert np.isfinite(ok["score"].to_numpy()).all() and (ok["Motor axis 0"] >= 0).all()
+    assert read_submission(tmp_path / "submission.csv").height == table.height
