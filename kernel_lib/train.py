@@ -314,24 +314,44 @@ class Validation:
     recall: float
     f2_fixed: float
     f2_quantile: float
+    # With a verifier: the same forward pass scored by the heatmap's own peaks.
+    heatmap: Validation | None = None
 
 
 def validate(model: HeatmapModel, cfg: PipelineConfig, entries: dict[str, CacheEntry],
              motors: pl.DataFrame, tomograms: pl.DataFrame, device: torch.device,
              batch_size: int = 8, progress: bool = False, amp: bool = True,
              verifier: Verifier | None = None) -> Validation:
-    """Full inference on the validation tomograms (with ``verifier`` re-scoring the top peaks,
-    when given), scored with the competition metric."""
-    predictor = Predictor([model], cfg, device, batch_size=batch_size, amp=amp,
-                          verifier=verifier)
-    rows = []
+    """Full inference on the validation tomograms, scored with the competition metric.
+
+    With ``verifier``, the result is that of its re-scored peaks, and ``.heatmap`` that of the
+    heatmap's own peaks from the same forward pass (one pass for both).
+    """
+    predictor = Predictor([model], cfg, device, batch_size=batch_size, amp=amp)
+    rows, checked = [], []
     for tomo_id in tqdm(sorted(entries), desc="validate", leave=False, disable=not progress):
         entry = entries[tomo_id]
-        peaks = locate_peaks(predictor, entry.load(), entry.frame, entry.original_shape)
-        z, y, x, s = peaks[0] if len(peaks) else (-1.0, -1.0, -1.0, float("nan"))
-        rows.append({"tomo_id": tomo_id, "z": z, "y": y, "x": x, "score": s})
+        volume = entry.load()
+        peaks = locate_peaks(predictor, volume, entry.frame, entry.original_shape)
+        rows.append(_top_row(tomo_id, peaks))
+        if verifier is not None:
+            checked.append(_top_row(tomo_id, verifier.rescore(peaks, volume, entry.frame)))
     model.train()
-    predictions = pl.DataFrame(rows)
+    alone = _scored_validation(pl.DataFrame(rows), entries, motors, tomograms)
+    if verifier is None:
+        return alone
+    return dataclasses.replace(_scored_validation(pl.DataFrame(checked), entries, motors,
+                                                  tomograms), heatmap=alone)
+
+
+def _top_row(tomo_id: str, peaks: np.ndarray) -> dict:
+    z, y, x, s = peaks[0] if len(peaks) else (-1.0, -1.0, -1.0, float("nan"))
+    return {"tomo_id": tomo_id, "z": z, "y": y, "x": x, "score": s}
+
+
+def _scored_validation(predictions: pl.DataFrame, entries: dict[str, CacheEntry],
+                       motors: pl.DataFrame, tomograms: pl.DataFrame) -> Validation:
+    """The metric, the threshold sweep and the chosen rule for one set of top peaks."""
     scores = predictions["score"].to_numpy()
     val_tomos = tomograms.filter(pl.col("tomo_id").is_in(list(entries)))
     val_motors = motors.filter(pl.col("tomo_id").is_in(list(entries)))
@@ -635,11 +655,10 @@ def fit_verifier(run_dir: Path, tcfg: TrainConfig, volumes: dict[str, np.ndarray
             "final_loss": float(np.mean(fitted.losses[-20:]))}
     rule_without = cfg.threshold
     if val_entries:
-        alone = validate(model, cfg, val_entries, motors, tomograms, device,
-                         tcfg.val_batch_size, amp=tcfg.amp)
         both = validate(model, cfg, val_entries, motors, tomograms, device,
                         tcfg.val_batch_size, amp=tcfg.amp,
                         verifier=Verifier([fitted.net], device, amp=tcfg.amp))
+        alone = both.heatmap
         rule_without = alone.rule
         info.update(val_f2_heatmap=alone.f2, val_f2=both.f2, threshold_heatmap=str(alone.rule),
                     threshold=str(both.rule))
