@@ -522,8 +522,9 @@ def run_inference(data_root: str | os.PathLike, weights: Sequence[str | os.PathL
                                      f"the flag")
         elif weights:
             try:  # only the rule is needed; a damaged verifier must not stop a run without it
-                rule_without = load_verifiers(list(weights[:1]), dev, amp)[1]
-            except InferenceError as exc:
+                saved = load_verifier(weights[0])
+                rule_without = saved[1] if saved is not None else None
+            except VerifierError as exc:
                 warnings.warn(f"{exc}; using config.json's rule", stacklevel=2)
     else:
         cfg = predictor.cfg

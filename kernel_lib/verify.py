@@ -272,19 +272,19 @@ def collect_examples(candidates: dict[str, np.ndarray], motors: dict[str, np.nda
     """Positives: every motor, and every candidate within ``positive_radius`` of one;
     negatives: candidates farther than ``negative_radius`` from every motor (model voxels).
     Candidates in between are left out: neither centred on a motor nor clear of it."""
-    ids, centres, labels = [], [], []
+    kept: list[tuple[str, np.ndarray, float]] = []
     for tomo_id in sorted(set(candidates) | set(motors)):
         known = np.asarray(motors.get(tomo_id, np.zeros((0, 3))), dtype=np.float64).reshape(-1, 3)
-        for motor in known:
-            ids.append(tomo_id), centres.append(motor), labels.append(1.0)
-        for centre in np.asarray(candidates.get(tomo_id, np.zeros((0, 3)))).reshape(-1, 3):
+        kept += [(tomo_id, motor, 1.0) for motor in known]
+        found = np.asarray(candidates.get(tomo_id, np.zeros((0, 3)))).reshape(-1, 3)
+        for centre in found:
             distance = (np.linalg.norm(known - centre, axis=1).min() if len(known)
                         else math.inf)
             if distance <= positive_radius or distance > negative_radius:
-                ids.append(tomo_id), centres.append(centre)
-                labels.append(float(distance <= positive_radius))
-    return VerifierExamples(ids, np.asarray(centres, dtype=np.float64).reshape(-1, 3),
-                            np.asarray(labels, dtype=np.float64))
+                kept.append((tomo_id, centre, float(distance <= positive_radius)))
+    return VerifierExamples([k[0] for k in kept],
+                            np.asarray([k[1] for k in kept], dtype=np.float64).reshape(-1, 3),
+                            np.asarray([k[2] for k in kept], dtype=np.float64))
 
 
 def augmented_crop(volume: np.ndarray, centre: np.ndarray, spec: VerifierSpec,
