@@ -48,7 +48,7 @@ import torch.nn as nn
 from kernel_lib.config import Z_SAMPLINGS, PipelineConfig
 from kernel_lib.infer import Predictor, autocast_dtype, decode_peaks, model_input
 from kernel_lib.verify import Verifier, VerifierNet, VerifierSpec, z_step_for
-from kernel_lib.model import build_model, pad_to_multiple
+from kernel_lib.model import build_model
 from kernel_lib.normalize import normalize, percentile_bounds
 from kernel_lib.preprocess import preprocess_tomogram, reading_plan
 from kernel_lib.resample import resample_to_spacing, target_shape
@@ -342,12 +342,12 @@ def plain_preprocess(folder: Path, spacing: float, cfg: PipelineConfig) -> np.nd
 
 def gather_stacks(volume: np.ndarray, offsets: np.ndarray, cfg: PipelineConfig,
                   predictor: Predictor, as_float: bool) -> None:
-    """The data path between the volume and the model: batches of ``uint8`` stacks in the
-    channels-last layout, and (``as_float``) the padded float input made from them."""
+    """The data path between the volume and the model: batches of ``uint8`` stacks (what the
+    host does), and (``as_float``) the padded channels-last float input made from them (what
+    ``Predictor`` does on the model's device)."""
     for _, stacks in iter_stack_batches(volume, offsets, predictor.batch_size, cfg.z_stride):
-        x = torch.from_numpy(stacks).contiguous(memory_format=torch.channels_last)
         if as_float:
-            pad_to_multiple(model_input(x), predictor.multiple)
+            model_input(torch.from_numpy(stacks), predictor.multiple, predictor.channels_last)
 
 
 def end_to_end(folder: Path, target: float, args: argparse.Namespace) -> tuple[float, float]:

@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 from .budget import DEFAULT_RESERVE_SECONDS, EPOCH_CUTOFF, Budget, BudgetError, Deadline
 from .config import ConfigError, PipelineConfig, ThresholdRule
 from .labels import LabelError, read_sample_submission, write_submission
-from .model import HeatmapModel, ModelError, load_checkpoint, pad_to_multiple
+from .model import HeatmapModel, ModelError, load_checkpoint
 from .peaks import find_peaks, nms_radius_voxels
 from .preprocess import Preprocessed, preprocess_tomogram
 from .resample import Frame, heatmap_frame
@@ -68,9 +68,33 @@ class InferenceError(ValueError):
     """Inputs that make a whole inference run impossible; the message says what to do."""
 
 
-def model_input(stacks: torch.Tensor) -> torch.Tensor:
-    """``uint8`` stacks ``(B, C, H, W)`` in [0, 255] -> the float input the model was trained on."""
-    return (stacks.float() * (1.0 / 255.0) - INPUT_MEAN) * (1.0 / INPUT_STD)
+INPUT_SCALE, INPUT_SHIFT = 1.0 / (255.0 * INPUT_STD), -INPUT_MEAN / INPUT_STD
+
+
+def model_input(stacks: torch.Tensor, multiple: int = 1, channels_last: bool = False,
+                ) -> torch.Tensor:
+    """``uint8`` stacks ``(..., H, W)`` in [0, 255] -> the float input the model was trained on,
+    on ``stacks``' device.
+
+    One float buffer is allocated and filled in one converting copy, then scaled in place:
+    ``H`` and ``W`` padded at the bottom and right to a multiple of ``multiple`` with edge
+    values (as :func:`~kernel_lib.model.pad_to_multiple`), in the channels-last layout when
+    asked (4D only). That is about 3x faster on a CPU than converting, scaling, re-laying out
+    and padding in separate passes (bench/RESULTS.md, session 9).
+    """
+    if multiple < 1:
+        raise ValueError(f"multiple must be >= 1 (got {multiple})")
+    h, w = stacks.shape[-2:]
+    padded = tuple(stacks.shape[:-2]) + (-(-h // multiple) * multiple,
+                                         -(-w // multiple) * multiple)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    out = torch.empty(padded, dtype=torch.float32, device=stacks.device, memory_format=layout)
+    out[..., :h, :w].copy_(stacks)
+    if padded[-1] > w:
+        out[..., :h, w:] = out[..., :h, w - 1:w]
+    if padded[-2] > h:
+        out[..., h:, :] = out[..., h - 1:h, :]
+    return out.mul_(INPUT_SCALE).add_(INPUT_SHIFT)
 
 
 def pick_device(name: str | None = None) -> torch.device:
@@ -182,10 +206,8 @@ class Predictor:
     def _predict(self, stacks: torch.Tensor) -> torch.Tensor:
         """Forward ``uint8`` stacks, retrying smaller batches, then the CPU, when out of memory."""
         try:
-            x = stacks.to(self.device)
-            if self.channels_last:  # on the device (on a GPU the host skips the transpose);
-                x = x.contiguous(memory_format=torch.channels_last)  # later ops keep the layout
-            x, _ = pad_to_multiple(model_input(x), self.multiple)
+            # uint8 to the device, then one converting copy there (a GPU does the layout)
+            x = model_input(stacks.to(self.device), self.multiple, self.channels_last)
             return self._forward(x)
         except (torch.OutOfMemoryError, RuntimeError) as exc:
             if not _is_out_of_memory(exc):

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from kernel_lib.config import PipelineConfig
-from kernel_lib.infer import Predictor, TomogramPrefetcher
-from kernel_lib.model import build_model
+from kernel_lib.infer import INPUT_MEAN, INPUT_STD, Predictor, TomogramPrefetcher, model_input
+from kernel_lib.model import build_model, pad_to_multiple
 from kernel_lib.normalize import histogram_uint8, normalize
 from kernel_lib.preprocess import preprocess_tomogram, reading_plan
 from kernel_lib.resample import (Frame, box_depth_inplace, box_slices, decode_frame,
@@ -443,6 +443,38 @@ def test_prefetcher_keeps_order_passes_errors_and_bounds_memory(tmp_path, monkey
     assert [s[0] for s in seen] == names
     assert seen[2] == ("bad", None, "ValueError") and seen[0][1] == "a"
     assert peak[0] <= 2  # the one being predicted + one read ahead
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 70, 90), (3, 5, 64, 64), (1, 3, 1, 40), (2, 9, 1, 1)])
+@pytest.mark.parametrize("multiple", [1, 32])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_model_input_is_scaling_then_edge_padding_in_one_buffer(shape, multiple, channels_last):
+    stacks = torch.from_numpy(np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8))
+    x = model_input(stacks, multiple, channels_last)
+    expected = (stacks.double() / 255.0 - INPUT_MEAN) / INPUT_STD
+    h, w = shape[-2:]
+    # The edge values continue to the padded size (what pad_to_multiple's replicate mode does,
+    # row and column by row and column, for any size including a single row).
+    rows = torch.arange(x.shape[-2]).clamp(max=h - 1)
+    cols = torch.arange(x.shape[-1]).clamp(max=w - 1)
+    expected = expected[..., rows, :][..., cols]
+    assert x.dtype == torch.float32 and x.shape[-2] % multiple == 0 and x.shape[-1] % multiple == 0
+    assert x.shape[-2] - h < multiple and x.shape[-1] - w < multiple
+    assert x.is_contiguous(memory_format=torch.channels_last if channels_last
+                           else torch.contiguous_format)
+    torch.testing.assert_close(x.double(), expected, atol=1e-6, rtol=0)
+    if min(h, w) > 1 and multiple > 1:  # the padding the model was trained with
+        old, _ = pad_to_multiple(expected[..., :h, :w].float(), multiple)
+        torch.testing.assert_close(x, old, atol=1e-6, rtol=0)
+
+
+def test_model_input_keeps_any_leading_shape_and_refuses_a_bad_multiple():
+    crops = torch.full((2, 9, 40, 40), 255, dtype=torch.uint8)
+    x = model_input(crops)
+    assert x.shape == crops.shape
+    torch.testing.assert_close(x, torch.full_like(x, (1 - INPUT_MEAN) / INPUT_STD))
+    with pytest.raises(ValueError, match="multiple must be >= 1"):
+        model_input(crops, 0)
 
 
 def test_channels_last_predictor_matches_contiguous():
