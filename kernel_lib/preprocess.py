@@ -39,7 +39,8 @@ from .tomogram import (ReadReport, choose_reduction, list_slices, read_tomogram,
 MANIFEST_NAME = "manifest.json"
 _PREPROCESSING_FIELDS = ("target_spacing", "percentile_low", "percentile_high", "normalize_per",
                          "z_sampling")
-CACHE_FORMAT = 2  # 2: near-identity in-plane shrinks are bilinear (resample.resize_plane)
+CACHE_FORMAT = 3  # 2: near-identity in-plane shrinks are bilinear (resample.resize_plane);
+#                  3: the area z shrink is resample.area_depth_inplace (within a level of cv2)
 
 
 @dataclass
@@ -148,7 +149,7 @@ class ReadingPlan:
             return buffer[:self.depth_out]
         if self.z_sampling == "box" and shrinks:
             return box_depth_inplace(buffer, self.depth_in, self.depth_out, self.keep)
-        return resize_depth_inplace(buffer, self.depth_in, self.depth_out)
+        return resize_depth_inplace(buffer, self.depth_in, self.depth_out, self.keep)
 
 
 def reading_plan(depth_in: int, depth_out: int, keep: np.ndarray | None, z_sampling: str,

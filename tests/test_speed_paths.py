@@ -21,9 +21,10 @@ from kernel_lib.infer import INPUT_MEAN, INPUT_STD, Predictor, TomogramPrefetche
 from kernel_lib.model import build_model, pad_to_multiple
 from kernel_lib.normalize import histogram_uint8, normalize
 from kernel_lib.preprocess import preprocess_tomogram, reading_plan
-from kernel_lib.resample import (Frame, box_depth_inplace, box_slices, decode_frame,
-                                 nearest_slices, resample_to_spacing, resize_depth_inplace,
-                                 resize_plane, resize_volume, z_sources, z_sources_of)
+from kernel_lib.resample import (Frame, area_depth_inplace, area_weights, box_depth_inplace,
+                                 box_slices, decode_frame, nearest_slices, resample_to_spacing,
+                                 resize_depth_inplace, resize_plane, resize_volume, z_sources,
+                                 z_sources_of)
 from kernel_lib.stacks import iter_stack_batches, slices_read, stack_offsets
 from kernel_lib.tomogram import (ReadReport, SliceWarning, choose_reduction, jpeg_size,
                                  list_slices, read_tomogram, reduced_size, stored_slice_shape)
@@ -332,6 +333,58 @@ def test_resize_depth_inplace_equals_resize_volume(depth_out):
     assert np.shares_memory(got, buffer)
     with pytest.raises(ValueError, match="cannot hold"):
         resize_depth_inplace(np.zeros((10, 4, 4), np.uint8), 10, 12)
+
+
+def _cv2_area_z(volume, depth_out):
+    flat = volume.reshape(volume.shape[0], -1)
+    return cv2.resize(flat, (flat.shape[1], depth_out), interpolation=cv2.INTER_AREA
+                      ).reshape((depth_out,) + volume.shape[1:])
+
+
+@pytest.mark.parametrize("depth_in,depth_out", [(300, 146), (300, 150), (800, 390), (21, 10),
+                                                (10, 4), (14, 13), (7, 1), (41, 40)])
+def test_area_depth_is_opencvs_area_resize_to_within_a_level(depth_in, depth_out):
+    rng = np.random.default_rng(depth_in + depth_out)
+    smooth = np.linspace(0, 255, depth_in)[:, None, None] * np.ones((1, 20, 30))
+    volume = (smooth + rng.normal(0, 40, (depth_in, 20, 30))).clip(0, 255).astype(np.uint8)
+    expected = _cv2_area_z(volume, depth_out)
+    buffer = volume.copy()
+    got = area_depth_inplace(buffer, depth_in, depth_out)
+    assert np.shares_memory(got, buffer) and got.shape == expected.shape
+    diff = np.abs(got.astype(int) - expected.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+    # Only some outputs: the same values, and the rows of the other outputs left as they were.
+    keep = np.arange(0, depth_out, 2)
+    buffer = volume.copy()
+    area_depth_inplace(buffer, depth_in, depth_out, keep)
+    np.testing.assert_array_equal(buffer[keep], got[keep])
+    others = np.setdiff1d(np.arange(depth_in), keep)
+    np.testing.assert_array_equal(buffer[others], volume[others])
+
+
+@pytest.mark.parametrize("depth_in,depth_out", [(300, 146), (300, 150), (21, 10), (5, 2),
+                                                (9, 8), (100, 1)])
+def test_area_weights_are_the_listed_sources_and_keep_the_frame(depth_in, depth_out):
+    to_source = Frame.resize((depth_in, 1, 1), (depth_out, 1, 1)).inverse()
+    for j in range(depth_out):
+        sources, weights = area_weights(depth_in, depth_out, j)
+        np.testing.assert_array_equal(sources, z_sources_of(depth_in, depth_out, [j]))
+        assert weights.min() > 0 and weights.sum() == pytest.approx(1.0)
+        # The sources' mean position, weighted by overlap, is the output's position in the
+        # frame to within a quarter of a source slice (partly covered edge slices pull it).
+        centre = np.sum(weights * sources)
+        assert abs(centre - to_source.apply([[j, 0, 0]])[0, 0]) < 0.25
+
+
+def test_area_depth_refuses_what_it_cannot_do():
+    with pytest.raises(ValueError, match="uint8"):
+        area_depth_inplace(np.zeros((10, 4, 4), np.float32), 10, 5)
+    with pytest.raises(ValueError, match="shrinks z"):
+        area_depth_inplace(np.zeros((10, 4, 4), np.uint8), 5, 10)
+    with pytest.raises(ValueError, match=r"lie in \[0, 5\)"):
+        area_depth_inplace(np.zeros((10, 4, 4), np.uint8), 10, 5, [5])
+    with pytest.raises(ValueError, match="depth_out < depth_in"):
+        area_weights(4, 4, 0)
 
 
 def test_resize_plane_writes_into_out():
