@@ -248,7 +248,7 @@ def bench_one(folder: Path, target: float, args: argparse.Namespace) -> dict:
         add("reader (threads, in-plane resize)", wall, cpu)
         wall, cpu, _ = timed(read_tomogram, folder, reduction, z_select=plan.select)
         add("reader, decode only (no resize)", wall, cpu)
-        # area: an in-place cv2 z resize; box: the kept slices' box means; nearest: nothing
+        # area / box: the kept slices' area or box means, in place; nearest: nothing
         wall, cpu, volume = timed(plan.resize_depth, buffer)
         add("z resize (in place)", wall, cpu)
         wall, cpu, _ = timed(lambda: np.percentile(volume[keep],
@@ -299,7 +299,8 @@ def bench_one(folder: Path, target: float, args: argparse.Namespace) -> dict:
         stages[name].note = (f"{n_select} of {decoded[0]} slices ({z_kind}, for the "
                              f"{len(keep)} of {shape[0]} model slices the stacks read)")
     stages["z resize (in place)"].note = {
-        "area": "every model slice", "box": f"box means of the {len(keep)} kept model slices",
+        "area": f"area means of the {len(keep)} kept model slices",
+        "box": f"box means of the {len(keep)} kept model slices",
         "nearest": "nothing to do: one source per model slice"}[cfg.z_sampling]
     for name in ("np.percentile, volume", "np.percentile, per slice", "histogram percentiles",
                  "look-up table (in place)"):

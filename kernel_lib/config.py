@@ -92,10 +92,11 @@ class PipelineConfig:
             blends about 3), so inference decodes half the JPEGs instead of three quarters;
             ``"nearest"`` takes the nearest source slice for each model slice (a quarter).
             Either way inference decodes only the sources of the model slices its stacks read.
-            Box and nearest meet the CPU data-path target (0.5x a plain decode: box 0.36x,
-            area 0.52-0.62x) but ranked tomograms less well with resnet18 (box by 0.022 AUC
-            and 0.04 F2 on average over four training seeds on 90 test tomograms, nearest by
-            much more; bench/RESULTS.md, sessions 3 and 7).
+            All three meet the CPU data-path target (0.5x a plain decode: box 0.36x in
+            session 7, area 0.40-0.49x since session 9) but box and nearest ranked tomograms
+            less well with resnet18 (box by 0.022 AUC and 0.04 F2 on average over four
+            training seeds on 90 test tomograms, nearest by much more; bench/RESULTS.md,
+            sessions 3 and 7).
         stack_half: n, so a 2.5D stack has ``2n + 1`` channels.
         stack_step_angstrom: distance between neighbouring channels of a stack, in angstroms.
             The default, 5 slices 64 A apart (+-128 A, most of a motor's depth), against 3
@@ -105,13 +106,20 @@ class PipelineConfig:
             speed cost (bench/RESULTS.md, session 5).
         encoder: any timm CNN name that supports ``features_only``. ``resnet18`` by default;
             ``mobilenetv4_conv_small`` is about 5x cheaper per stack on a CPU (with
-            ``z_sampling="nearest"`` and ``z_stride=3`` it meets the CPU speed targets) but
-            ranked tomograms less well on the benchmarks (bench/RESULTS.md).
+            ``z_sampling="nearest"`` it met the CPU speed targets in session 3) but ranked
+            tomograms less well on the benchmarks (bench/RESULTS.md).
         decoder_channels: width of the decoder stages, deepest first.
         output_stride: heatmap pixels are this many model voxels wide (in y and x).
         sigma_angstrom: Gaussian sigma of the target heatmap.
         nms_radius_angstrom: peaks closer than this are merged by max-pool NMS.
-        z_stride: run the model on every k-th model slice at inference.
+        z_stride: run the model on every k-th model slice (validation and inference). 4 (one
+            heatmap slice every 128 A at 32 A; the stacks still read every other slice, so
+            the data path is unchanged) halves the forward passes of 2: inferring session 8's
+            four checkpoints both ways scored the same (F2 0.804 vs 0.794, AUC 0.860 vs 0.859
+            on 90 synthetic test tomograms), and two benchmark runs trained with it ranked the
+            90 better than the same seeds with 2 (AUC 0.885 vs 0.845; validation is cheaper,
+            so the model trains 13-19 % more steps in the same time; bench/RESULTS.md,
+            session 9).
         tta: flip test-time augmentation in validation and inference: each stack and its x- and
             y-mirrors go through the model and the heatmaps are averaged (3x the forward
             passes). It is part of the config because the threshold rule is chosen on the
@@ -134,7 +142,7 @@ class PipelineConfig:
     output_stride: int = 4
     sigma_angstrom: float = 200.0
     nms_radius_angstrom: float = 600.0
-    z_stride: int = 2
+    z_stride: int = 4
     tta: bool = False
     threshold: ThresholdRule = field(default_factory=ThresholdRule)
     version: int = CONFIG_VERSION

@@ -81,7 +81,7 @@ def preprocess_tomogram(folder: str | os.PathLike, source_spacing: float,
 
     With ``z_stride`` (inference), only the model slices that the 2.5D stacks centred on every
     ``z_stride``-th slice read are prepared (:func:`~kernel_lib.stacks.slices_read`; with the
-    default 5 slices 64 A apart and stride 2, every other slice) and only the source slices
+    default 5 slices 64 A apart and stride 4 or 2, every other slice) and only the source slices
     they are made from are decoded (:func:`~kernel_lib.resample.z_sources_of`). Those slices
     equal the full path's resampled slices exactly; the percentiles are measured over them
     alone, so the normalisation bounds can differ by a gray level or so from the full volume's.
