@@ -122,7 +122,7 @@ class VerifierNet(nn.Module):
         for i, block in enumerate(self.blocks):
             if i == len(self.blocks) - 1 and x.device.type == "cpu":
                 # The last block in float32 on a CPU: its bfloat16 weight gradients at this
-                # size (64 channels, about 2 x 5 x 5 voxels) came out NaN in about 1 of 15
+                # size (64 channels, about 2 x 5 x 5 voxels) came out NaN in about 1 of 10
                 # batches with oneDNN (torch 2.14; tests/test_verify.py checks it); here it
                 # costs almost nothing.
                 with torch.autocast("cpu", enabled=False):

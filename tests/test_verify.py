@@ -456,7 +456,7 @@ def test_the_verifier_plot_draws_one_line_per_validation_tomogram(verified, tiny
 
 def test_the_last_block_runs_in_float32_under_cpu_bfloat16_autocast():
     # oneDNN's bfloat16 weight gradients of the last block (64 channels on 2 x 5 x 5 voxels)
-    # came out NaN in about 1 of 15 batches of 32: that block is kept in float32 on a CPU.
+    # came out NaN in about 1 of 10 batches of 32: that block is kept in float32 on a CPU.
     net = VerifierNet(VerifierSpec()).train()
     seen = {}
     for name, module in (("first", net.blocks[0][0]), ("last", net.blocks[-1][0])):
