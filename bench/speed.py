@@ -9,7 +9,9 @@ in one run and for each target spacing:
 - the z resize (in place) and the percentile normalisation (``np.percentile`` per volume and per
   slice vs our histogram + look-up table), and the plain pre-streaming path for comparison;
 - 2.5D stack gathering, the float model input, the model forward (CPU here, extrapolated from
-  the first batches unless ``--forward-stacks 0``), and one real end-to-end tomogram;
+  the first batches unless ``--forward-stacks 0``), one real end-to-end tomogram, and a
+  ``run_inference`` over ``--e2e-copies`` copies of it (the prefetching reader, as a submission
+  runs);
 - peak decoding (``peaks.find_peaks``: a separable 3D max filter, then the top candidates) and
   the second-stage verifier of the top peaks (``--no-verifier`` leaves it out);
 - peak memory (RSS) of the whole inference of one tomogram, in a fresh subprocess.
@@ -378,7 +380,6 @@ def accelerator_throughput(folder: Path, target: float, args: argparse.Namespace
     then a real ``run_inference`` over copies of the tomogram with the reader thread prefetching
     the next one while the model runs. Returns report lines."""
     from kernel_lib.infer import run_inference
-    from kernel_lib.model import save_checkpoint
 
     device = args.accelerator
     cfg = bench_config(target, args)
@@ -399,18 +400,8 @@ def accelerator_throughput(folder: Path, target: float, args: argparse.Namespace
         if best is None or wall < best[1]:
             best = (batch, wall)
     peaks_wall, _, _ = timed(decode_peaks, heat, cfg, prep.frame, prep.original_shape)
-    root = args.work / f"accelerator_{folder.name}"
-    run_dir = root / "run"
-    save_checkpoint(model, cfg, run_dir)
-    (root / "test").mkdir(parents=True, exist_ok=True)
-    ids = [f"copy_{i:02d}" for i in range(args.accelerator_copies)]
-    for tomo_id in ids:
-        link = root / "test" / tomo_id
-        if not link.exists():
-            link.symlink_to(folder.resolve(), target_is_directory=True)
-    (root / "sample_submission.csv").write_text(
-        "tomo_id,Motor axis 0,Motor axis 1,Motor axis 2\n"
-        + "".join(f"{tomo_id},-1,-1,-1\n" for tomo_id in ids))
+    root, run_dir, ids = copies_root(folder, args.work / f"accelerator_{folder.name}", model,
+                                     cfg, args.accelerator_copies, args)
     run_inference(root, [run_dir], device=device, batch_size=best[0], progress=False,
                   out=None)  # warm-up
     wall, _, _ = timed(run_inference, root, [run_dir], device=device, batch_size=best[0],
@@ -424,6 +415,50 @@ def accelerator_throughput(folder: Path, target: float, args: argparse.Namespace
               f"{N_TEST_TOMOGRAMS * per_tomogram / 60:.1f} min (goal < {GPU_GOAL_MINUTES:g} min "
               f"on a T4).", ""]
     return lines
+
+
+def copies_root(folder: Path, root: Path, model: torch.nn.Module, cfg: PipelineConfig,
+                copies: int, args: argparse.Namespace) -> tuple[Path, Path, list[str]]:
+    """A competition-layout folder whose test split is ``copies`` links to ``folder``, and a
+    run folder with ``model`` (and, unless ``--no-verifier``, a random verifier) to infer it
+    with: ``(data_root, run_dir, tomo_ids)``."""
+    from kernel_lib.model import save_checkpoint
+    from kernel_lib.verify import save_verifier
+
+    run_dir = root / "run"
+    save_checkpoint(model, cfg, run_dir)
+    verifier = bench_verifier(cfg, args)
+    if verifier is not None:
+        save_verifier(verifier.nets[0], run_dir, cfg.threshold)
+    elif (run_dir / "verifier.pt").exists():
+        (run_dir / "verifier.pt").unlink()
+    (root / "test").mkdir(parents=True, exist_ok=True)
+    ids = [f"copy_{i:02d}" for i in range(copies)]
+    for tomo_id in ids:
+        link = root / "test" / tomo_id
+        if not link.exists():
+            link.symlink_to(folder.resolve(), target_is_directory=True)
+    (root / "sample_submission.csv").write_text(
+        "tomo_id,Motor axis 0,Motor axis 1,Motor axis 2\n"
+        + "".join(f"{tomo_id},-1,-1,-1\n" for tomo_id in ids))
+    return root, run_dir, ids
+
+
+def cpu_run(folder: Path, target: float, args: argparse.Namespace) -> tuple[float, float]:
+    """``run_inference`` on the CPU over ``--e2e-copies`` copies of one tomogram (the reader
+    thread prefetching the next one while the model runs), after a warm-up run, with a
+    baseline decode of the slices right before: ``(seconds per tomogram, ratio)``."""
+    from kernel_lib.infer import run_inference
+
+    cfg = bench_config(target, args)
+    root, run_dir, ids = copies_root(folder, args.work / f"cpu_run_{folder.name}",
+                                     default_model(cfg), cfg, args.e2e_copies, args)
+    run_inference(root, [run_dir], device="cpu", batch_size=args.batch_size, progress=False)
+    paths = list_slices(folder)
+    base, _, _ = timed(lambda: [cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in paths])
+    wall, _, _ = timed(run_inference, root, [run_dir], device="cpu",
+                       batch_size=args.batch_size, progress=False, prefetch=1)
+    return wall / len(ids), wall / len(ids) / base
 
 
 def _sync(device: str) -> None:
@@ -500,7 +535,8 @@ def stage_table(result: dict) -> list[str]:
     return lines + [""]
 
 
-def verdicts(results: list[dict], e2e: dict, rss: dict, args: argparse.Namespace) -> list[str]:
+def verdicts(results: list[dict], e2e: dict, rss: dict, args: argparse.Namespace,
+             cpu_runs: dict | None = None) -> list[str]:
     lines = ["#### Targets", ""]
     default = PipelineConfig().target_spacing
     for result in results:
@@ -536,6 +572,11 @@ def verdicts(results: list[dict], e2e: dict, rss: dict, args: argparse.Namespace
                      f"{TARGET_END_TO_END}x). The model forward is about {forward_share:.0%} "
                      f"of it and peak decoding about {peaks_share:.0%} (timed separately "
                      f"above).")
+    for key, (seconds, ratio) in (cpu_runs or {}).items():
+        lines.append(f"- End to end on CPU in a `run_inference` over {args.e2e_copies} copies of "
+                     f"{key} (prefetching reader): {seconds:.1f} s per tomogram = {ratio:.1f}x "
+                     f"baseline -> {'MET' if ratio <= TARGET_END_TO_END else 'NOT MET'} "
+                     f"(target {TARGET_END_TO_END}x).")
     for key, value in rss.items():
         peak = value["peak"] / GIB
         lines.append(
@@ -587,6 +628,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="stacks timed per repeat and extrapolated (0: all)")
     parser.add_argument("--e2e-depth", type=int, default=300,
                         help="depth of the one full end-to-end run per spacing (0: skip)")
+    parser.add_argument("--e2e-copies", type=int, default=4,
+                        help="also time run_inference over this many copies of the end-to-end "
+                             "tomogram on the CPU (0: skip)")
     parser.add_argument("--e2e-targets", type=float, nargs="+", default=None,
                         help="target spacings of the end-to-end runs (default: all)")
     parser.add_argument("--rss-depth", type=int, default=None,
@@ -641,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
         for target in args.target_spacing:
             print(f"{folder.name} at {target:g} A", flush=True)
             results.append(bench_one(folder, target, args))
-    e2e = {}
+    e2e, cpu_runs = {}, {}
     if args.e2e_depth:
         for (depth, h, w), folder in folders.items():
             if depth != args.e2e_depth:
@@ -656,6 +700,10 @@ def main(argv: list[str] | None = None) -> int:
                 e2e[f"{folder.name} at {target:g} A"] = (seconds, ratio,
                                                          min(1.0, forward / seconds),
                                                          min(1.0, peaks / seconds))
+                if args.e2e_copies:
+                    print(f"run_inference over {args.e2e_copies} copies", flush=True)
+                    cpu_runs[f"{folder.name} at {target:g} A"] = cpu_run(folder, target,
+                                                                         args)
     rss = {}
     rss_depth = args.rss_depth or max(args.depth)
     default = PipelineConfig().target_spacing
@@ -703,7 +751,7 @@ def main(argv: list[str] | None = None) -> int:
     for result in results:
         body += stage_table(result)
     body += accelerator
-    body += verdicts(results, e2e, rss, args)
+    body += verdicts(results, e2e, rss, args, cpu_runs)
     print("\n".join(body))
     if not args.no_write:
         write_section(args.out_md, body)
