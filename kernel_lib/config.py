@@ -92,11 +92,11 @@ class PipelineConfig:
             blends about 3), so inference decodes half the JPEGs instead of three quarters;
             ``"nearest"`` takes the nearest source slice for each model slice (a quarter).
             Either way inference decodes only the sources of the model slices its stacks read.
-            All three meet the CPU data-path target (0.5x a plain decode: box 0.36x in
-            session 7, area 0.40-0.49x since session 9) but box and nearest ranked tomograms
-            less well with resnet18 (box by 0.022 AUC and 0.04 F2 on average over four
-            training seeds on 90 test tomograms, nearest by much more; bench/RESULTS.md,
-            sessions 3 and 7).
+            Area meets the CPU data-path target (0.5x a plain decode) without a margin
+            (0.40-0.50x since session 9), box with one (0.36x, session 7), but box and nearest
+            ranked tomograms less well with resnet18 (box by 0.022 AUC and 0.04 F2 on average
+            over four training seeds on 90 test tomograms, nearest by much more;
+            bench/RESULTS.md, sessions 3 and 7).
         stack_half: n, so a 2.5D stack has ``2n + 1`` channels.
         stack_step_angstrom: distance between neighbouring channels of a stack, in angstroms.
             The default, 5 slices 64 A apart (+-128 A, most of a motor's depth), against 3
