@@ -116,10 +116,10 @@ class PipelineConfig:
             heatmap slice every 128 A at 32 A; the stacks still read every other slice, so
             the data path is unchanged) halves the forward passes of 2: inferring session 8's
             four checkpoints both ways scored the same (F2 0.804 vs 0.794, AUC 0.860 vs 0.859
-            on 90 synthetic test tomograms), and two benchmark runs trained with it ranked the
-            90 better than the same seeds with 2 (AUC 0.885 vs 0.845; validation is cheaper,
-            so the model trains 13-19 % more steps in the same time; bench/RESULTS.md,
-            session 9).
+            on 90 synthetic test tomograms), and four benchmark runs trained with it ranked the
+            90 better than the same seeds with 2 (AUC 0.893 vs 0.859, F2 0.827 vs 0.794;
+            validation is cheaper, so the model trains 5-19 % more steps in the same time),
+            the standard 30 a little worse (F2 0.920 vs 0.951; bench/RESULTS.md, session 9).
         tta: flip test-time augmentation in validation and inference: each stack and its x- and
             y-mirrors go through the model and the heatmaps are averaged (3x the forward
             passes). It is part of the config because the threshold rule is chosen on the
