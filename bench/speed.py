@@ -233,8 +233,7 @@ def bench_one(folder: Path, target: float, args: argparse.Namespace) -> dict:
     forward_stacks = min(n_stacks, args.forward_stacks or n_stacks)
     predictor.heatmap(np.zeros((cfg.z_stride,) + shape[1:], np.uint8))  # warm-up
     for repeat in range(args.repeats):
-        base_wall, base_cpu, _ = timed(
-            lambda: [cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in paths])
+        base_wall, base_cpu, _ = timed(baseline_decode, paths)
 
         def add(name: str, wall: float, cpu: float) -> None:
             stages[name].add(wall, cpu, base_wall, base_cpu)
@@ -325,6 +324,12 @@ def bench_one(folder: Path, target: float, args: argparse.Namespace) -> dict:
     return result
 
 
+def baseline_decode(paths: list[Path]) -> list[np.ndarray]:
+    """The baseline every ratio divides by: ``cv2.imread`` of every slice at full resolution,
+    one thread, in order."""
+    return [cv2.imread(str(path), cv2.IMREAD_GRAYSCALE) for path in paths]
+
+
 def bench_verifier(cfg: PipelineConfig, args: argparse.Namespace) -> Verifier | None:
     """The default second stage, random weights (its cost does not depend on them), or None
     with ``--no-verifier``."""
@@ -360,7 +365,7 @@ def end_to_end(folder: Path, target: float, args: argparse.Namespace) -> tuple[f
     predictor = Predictor([default_model(cfg)], cfg, "cpu", batch_size=args.batch_size)
     predictor.heatmap(np.zeros((cfg.z_stride, 64, 64), np.uint8))
     paths = list_slices(folder)
-    base, _, _ = timed(lambda: [cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in paths])
+    base, _, _ = timed(baseline_decode, paths)
 
     verifier = bench_verifier(cfg, args)
 
@@ -455,7 +460,7 @@ def cpu_run(folder: Path, target: float, args: argparse.Namespace) -> tuple[floa
                                      default_model(cfg), cfg, args.e2e_copies, args)
     run_inference(root, [run_dir], device="cpu", batch_size=args.batch_size, progress=False)
     paths = list_slices(folder)
-    base, _, _ = timed(lambda: [cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in paths])
+    base, _, _ = timed(baseline_decode, paths)
     wall, _, _ = timed(run_inference, root, [run_dir], device="cpu",
                        batch_size=args.batch_size, progress=False, prefetch=1)
     return wall / len(ids), wall / len(ids) / base
