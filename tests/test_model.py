@@ -3,10 +3,11 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+import torch.nn as nn
 
 from kernel_lib.config import PipelineConfig
-from kernel_lib.model import (ModelError, build_model, load_checkpoint, pad_to_multiple,
-                              save_checkpoint)
+from kernel_lib.model import (HeatmapModel, ModelError, aligned_multiple, build_model,
+                              load_checkpoint, pad_to_multiple, save_checkpoint)
 
 
 @pytest.mark.parametrize("encoder,stride", [("resnet18", 4), ("efficientnet_b0", 8),
@@ -25,10 +26,66 @@ def test_forward_backward_64(encoder, stride):
 
 def test_bad_input_shape_names_the_fix():
     model = build_model(PipelineConfig())
+    with pytest.raises(ValueError, match="multiples of 4"):
+        model(torch.zeros(1, 5, 62, 64))
     with pytest.raises(ValueError, match="multiples of 32"):
-        model(torch.zeros(1, 3, 60, 64))
+        build_model(PipelineConfig(encoder="convnext_atto"))(torch.zeros(1, 5, 60, 64))
     padded, size = pad_to_multiple(torch.zeros(1, 3, 60, 70), 32)
     assert padded.shape[-2:] == (64, 96) and size == (60, 70)
+
+
+@pytest.mark.parametrize("encoder,stride,multiple", [
+    ("resnet18", 4, 4), ("resnet18", 8, 8), ("efficientnet_b0", 4, 4),
+    ("mobilenetv4_conv_small", 4, 4), ("convnext_atto", 4, 32)])
+def test_input_multiple_is_the_output_stride_when_the_encoder_rounds_up(encoder, stride,
+                                                                         multiple):
+    model = build_model(PipelineConfig(encoder=encoder, output_stride=stride,
+                                       decoder_channels=(16, 8)))
+    assert model.input_multiple == multiple
+    size = (multiple * 9, multiple * 11)  # odd at the deeper levels
+    assert model(torch.zeros(1, 5, *size)).shape[-2:] == (size[0] // stride, size[1] // stride)
+
+
+def test_the_probe_leaves_the_encoder_as_it_was():
+    model = build_model(PipelineConfig(decoder_channels=(16, 8)))
+    model.train()
+    before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    assert aligned_multiple(model.encoder, 5, [4, 8, 16, 32]) == 4
+    assert model.encoder.training and all(m.training for m in model.encoder.modules())
+    after = model.encoder.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # running stats untouched
+
+    class Refuses(nn.Module):  # an encoder that cannot take the small probe keeps 32
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            raise RuntimeError("input too small")
+
+    assert aligned_multiple(Refuses(), 5, [4, 8, 16, 32]) == 32
+
+
+@pytest.mark.parametrize("encoder", ["resnet18", "convnext_atto"])
+def test_unpadded_input_gives_the_padded_heatmap_away_from_the_padding(encoder):
+    """The point of the smaller multiple: a 164 x 196 input needs no padding to 192 x 224,
+    and the heatmap is the same where the padding does not reach. That only holds when the
+    deep levels stay aligned; ConvNeXt, forced to take the unpadded size, shows the shift."""
+    torch.manual_seed(0)
+    model = HeatmapModel(encoder, 5, 4, decoder_channels=(16, 8)).eval()
+    nn.init.normal_(model.head.weight, std=0.05)
+    aligned = model.input_multiple == 4
+    model.input_multiple = 4
+    x = torch.randn(1, 5, 164, 196)
+    padded, _ = pad_to_multiple(x, 32)
+    with torch.inference_mode():
+        plain = model(x)[0, 0]
+        reference = model(padded)[0, 0, :41, :49]
+    change = ((plain - reference).abs() / reference.std())[:16, :16].max().item()
+    if aligned:
+        assert change < 1e-4
+    else:
+        assert change > 1e-2
 
 
 def test_unknown_encoder_and_bad_stride():
