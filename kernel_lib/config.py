@@ -112,14 +112,17 @@ class PipelineConfig:
         output_stride: heatmap pixels are this many model voxels wide (in y and x).
         sigma_angstrom: Gaussian sigma of the target heatmap.
         nms_radius_angstrom: peaks closer than this are merged by max-pool NMS.
-        z_stride: run the model on every k-th model slice (validation and inference). 4 (one
-            heatmap slice every 128 A at 32 A; the stacks still read every other slice, so
-            the data path is unchanged) halves the forward passes of 2: inferring session 8's
-            four checkpoints both ways scored the same (F2 0.804 vs 0.794, AUC 0.860 vs 0.859
-            on 90 synthetic test tomograms), and four benchmark runs trained with it ranked the
-            90 better than the same seeds with 2 (AUC 0.893 vs 0.859, F2 0.827 vs 0.794;
-            validation is cheaper, so the model trains 5-19 % more steps in the same time),
-            the standard 30 a little worse (F2 0.920 vs 0.951; bench/RESULTS.md, session 9).
+        z_stride: run the model on every k-th model slice (validation and inference). 6 (one
+            heatmap slice every 192 A at 32 A, so a motor's centre is at most 96 A from a
+            stack's centre slice, inside its +-128 A; the stacks still read only every other
+            slice, so the data path is unchanged) runs a third fewer stacks than 4 and half
+            those of 2. Against 4 on 90 synthetic test tomograms: eight checkpoints inferred
+            both ways ranked alike or better (AUC +0.025 for session 8's four, +0.001 for
+            session 10's), and four pairs of benchmark runs trained with each ranked a little
+            better on average (AUC +0.010, F2 +0.022, two seeds better, one level, one worse);
+            the standard 30 scored a little lower (F2 -0.03 on average over the four pairs,
+            one seed carrying most of it; bench/RESULTS.md, sessions 9 and 10). Checkpoints
+            keep the stride saved in their config.json.
         tta: flip test-time augmentation in validation and inference: each stack and its x- and
             y-mirrors go through the model and the heatmaps are averaged (3x the forward
             passes). It is part of the config because the threshold rule is chosen on the
@@ -142,7 +145,7 @@ class PipelineConfig:
     output_stride: int = 4
     sigma_angstrom: float = 200.0
     nms_radius_angstrom: float = 600.0
-    z_stride: int = 4
+    z_stride: int = 6
     tta: bool = False
     threshold: ThresholdRule = field(default_factory=ThresholdRule)
     version: int = CONFIG_VERSION
