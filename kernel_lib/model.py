@@ -106,7 +106,8 @@ class HeatmapModel(nn.Module):
             raise ModelError(f"output_stride {output_stride} is not a feature reduction of "
                              f"{encoder} ({reductions}): choose one of them")
         self.first_level = reductions.index(output_stride)
-        self.input_multiple = aligned_multiple(self.encoder, in_chans, reductions[self.first_level:])
+        self.input_multiple = aligned_multiple(self.encoder, in_chans,
+                                               reductions[self.first_level:])
         self.output_stride = output_stride
         self.decoder = UNetDecoder(channels[self.first_level:], decoder_channels)
         self.head = nn.Conv2d(self.decoder.out_channels, 1, 1)
@@ -145,7 +146,8 @@ def aligned_multiple(encoder: nn.Module, in_chans: int, reductions: list[int]) -
     of 4).
     """
     smallest, largest = reductions[0], max(reductions)
-    size = largest + smallest  # 36 for (4, .., 32): odd at every level from 8 on
+    # 36 for (4, .., 32): no multiple of 8, 16 or 32, so ceiling and floor differ there
+    size = largest + smallest
     was_training = encoder.training
     try:
         encoder.eval()  # batch norms must neither see nor learn from the probe
