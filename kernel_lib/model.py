@@ -83,8 +83,8 @@ class HeatmapModel(nn.Module):
     """``encoder -> decoder -> head``: 2.5D stacks in, heatmap logits out.
 
     Inputs must be a multiple of ``input_multiple`` high and wide: the output stride when the
-    encoder's feature maps are ``ceil(size / reduction)`` (every timm CNN whose downsampling
-    convolutions are padded, resnets and efficientnets among them; see
+    encoder's feature maps are ``ceil(size / reduction)`` (as for resnets, EfficientNets and
+    MobileNetV4, whose downsampling convolutions are padded; checked per encoder by
     :func:`aligned_multiple`), else the largest reduction (32).
 
     Args:

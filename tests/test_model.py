@@ -42,7 +42,9 @@ def test_input_multiple_is_the_output_stride_when_the_encoder_rounds_up(encoder,
     model = build_model(PipelineConfig(encoder=encoder, output_stride=stride,
                                        decoder_channels=(16, 8)))
     assert model.input_multiple == multiple
-    size = (multiple * 9, multiple * 11)  # odd at the deeper levels
+    # 9 and 11 times the multiple: sizes that padding to 32 would change, unless the
+    # multiple is 32 itself
+    size = (multiple * 9, multiple * 11)
     assert model(torch.zeros(1, 5, *size)).shape[-2:] == (size[0] // stride, size[1] // stride)
 
 
