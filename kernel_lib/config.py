@@ -104,10 +104,15 @@ class PipelineConfig:
             AUC 0.844 vs 0.823, F2 0.756 vs 0.739, better in two seeds of three; a likely
             gain inside the run-to-run noise, for two more input channels and no measurable
             speed cost (bench/RESULTS.md, session 5).
-        encoder: any timm CNN name that supports ``features_only``. ``resnet18`` by default;
-            ``mobilenetv4_conv_small`` is about 5x cheaper per stack on a CPU (with
-            ``z_sampling="nearest"`` it met the CPU speed targets in session 3) but ranked
-            tomograms less well on the benchmarks (bench/RESULTS.md).
+        encoder: any timm CNN name that supports ``features_only``. ``resnet18`` by default.
+            ``resnet10t`` (one block per stage, a three-conv stem: 35 % fewer multiply-adds,
+            20-25 % faster on a CPU) ranked alike on the synthetic benchmark, three paired
+            seeds on 90 test tomograms (AUC -0.006, F2 +0.013); it is an option, not the
+            default, because on a GPU the forward is not what limits inference and real
+            tomograms may need resnet18's depth, which synthetic data cannot show.
+            ``mobilenetv4_conv_small``, ``mobilenetv3_large_100`` and ``regnetx_004`` are
+            cheaper still on a CPU but ranked tomograms less well (bench/RESULTS.md, sessions
+            3 and 11).
         decoder_channels: width of the decoder stages, deepest first.
         output_stride: heatmap pixels are this many model voxels wide (in y and x).
         sigma_angstrom: Gaussian sigma of the target heatmap.

@@ -35,7 +35,7 @@ def test_bad_input_shape_names_the_fix():
 
 
 @pytest.mark.parametrize("encoder,stride,multiple", [
-    ("resnet18", 4, 4), ("resnet18", 8, 8), ("efficientnet_b0", 4, 4),
+    ("resnet18", 4, 4), ("resnet18", 8, 8), ("resnet10t", 4, 4), ("efficientnet_b0", 4, 4),
     ("mobilenetv4_conv_small", 4, 4), ("convnext_atto", 4, 32)])
 def test_input_multiple_is_the_output_stride_when_the_encoder_rounds_up(encoder, stride,
                                                                          multiple):
@@ -99,6 +99,7 @@ def test_unknown_encoder_and_bad_stride():
 
 @pytest.mark.parametrize("encoder,stem,inner", [
     ("resnet18", "conv1", "layer1.0.conv1"),
+    ("resnet10t", "conv1.0", "conv1.3"),  # three-conv stem: only its first conv sees the slices
     ("mobilenetv4_conv_small", "conv_stem", "blocks.1.0.conv")])
 def test_encoder_loads_local_timm_weights(tmp_path, encoder, stem, inner):
     """A timm RGB checkpoint on disk is adapted to 2n+1 input slices; no download."""
