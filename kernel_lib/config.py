@@ -106,7 +106,7 @@ class PipelineConfig:
             speed cost (bench/RESULTS.md, session 5).
         encoder: any timm CNN name that supports ``features_only``. ``resnet18`` by default.
             ``resnet10t`` (one block per stage, a three-conv stem: 35 % fewer multiply-adds,
-            20-25 % faster on a CPU) ranked alike on the synthetic benchmark, three paired
+            a 20-30 % shorter CPU forward) ranked alike on the synthetic benchmark, three paired
             seeds on 90 test tomograms (AUC -0.006, F2 +0.013); it is an option, not the
             default, because on a GPU the forward is not what limits inference and real
             tomograms may need resnet18's depth, which synthetic data cannot show.
